@@ -1,0 +1,1206 @@
+//! A sans-IO corelay participant: the signaling state machine plus its two str0m
+//! connections (publisher: we offer and send; subscriber: the server offers and we
+//! receive), synthetic media generation, and receive-side measurement.
+//!
+//! Like str0m itself it never touches a socket or a clock: signaling text, UDP
+//! datagrams and time go in; signaling text, datagrams and a deadline come out. The
+//! threaded test client ([`crate::client`]) and a future many-client load loop both
+//! drive this same type. After any input, drain [`Peer::poll_signal`] and
+//! [`Peer::poll_transmit`], then wake again at [`Peer::poll_timeout`].
+//!
+//! Each connection has its own local UDP socket, so the caller says which [`Leg`] a
+//! datagram arrived on and every [`Transmit`] says which socket to send it from.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+
+use crate::media::{AudioSource, MediaConfig, MediaPacket, VideoSource};
+use crate::payload::{Stamp, parse_vp8};
+use crate::protocol::{ClientMessage, MediaFlags, ServerMessage, Target, message_type};
+use crate::sdp::{MediaSection, summarize};
+use crate::stats::{Histogram, SeqTracker, Summary};
+
+/// Bounds on everything a long-running or misbehaving session could grow.
+const MAX_ERRORS: usize = 64;
+const MAX_VIOLATIONS: usize = 64;
+const MAX_PEERS_LEFT: usize = 256;
+const MAX_RX_TRACKS: usize = 256;
+const MAX_SERVER_ADDRS: usize = 32;
+const MAX_QUEUED_TRANSMITS: usize = 4096;
+const MAX_QUEUED_SIGNALS: usize = 1024;
+/// Deadline reported by an idle connection.
+const IDLE: Duration = Duration::from_secs(3600);
+
+/// One of the participant's two peer connections, and the UDP socket it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Leg {
+    /// The connection we offer and send media on.
+    Publisher,
+    /// The connection the server offers and sends media on.
+    Subscriber,
+}
+
+/// Maps `Instant`s to wall-clock microseconds, so stamps from different clients can
+/// be compared without the sans-IO core reading the system clock. Clients in one
+/// process should share one base so their latencies are exactly comparable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeBase {
+    instant: Instant,
+    unix_micros: u64,
+}
+
+impl TimeBase {
+    /// A base anchored at the given pair of readings.
+    pub fn new(instant: Instant, unix_micros: u64) -> Self {
+        Self {
+            instant,
+            unix_micros,
+        }
+    }
+
+    /// Reads both clocks now.
+    pub fn now() -> Self {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
+        Self::new(Instant::now(), unix)
+    }
+
+    /// Wall-clock microseconds at `at`.
+    pub fn unix_micros(&self, at: Instant) -> u64 {
+        match at.checked_duration_since(self.instant) {
+            Some(d) => self.unix_micros + d.as_micros() as u64,
+            None => self
+                .unix_micros
+                .saturating_sub(self.instant.duration_since(at).as_micros() as u64),
+        }
+    }
+}
+
+/// Who joins where and what it publishes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerConfig {
+    /// `sessionId` of the join.
+    pub room: String,
+    /// `userId` of the join.
+    pub user: String,
+    /// Join ticket, for servers configured with a ticket secret.
+    pub ticket: Option<String>,
+    /// Publish an Opus audio track once joined.
+    pub publish_audio: bool,
+    /// Publish a VP8 video track once joined.
+    pub publish_video: bool,
+    /// Shape of the published media.
+    pub media: MediaConfig,
+    /// How many received signaling messages to keep for inspection (0 keeps none).
+    pub message_log_capacity: usize,
+}
+
+impl PeerConfig {
+    /// Publishes audio and video with default media.
+    pub fn new(room: impl Into<String>, user: impl Into<String>) -> Self {
+        Self {
+            room: room.into(),
+            user: user.into(),
+            ticket: None,
+            publish_audio: true,
+            publish_video: true,
+            media: MediaConfig::default(),
+            message_log_capacity: 256,
+        }
+    }
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// The socket to send from.
+    pub leg: Leg,
+    /// Always loopback or an address the server's SDP listed.
+    pub destination: SocketAddr,
+    pub contents: Vec<u8>,
+}
+
+/// Where the signaling session stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// `join` sent, no reply yet.
+    Joining,
+    /// `joined` received.
+    Joined,
+    /// The server answered the join with `error`.
+    Refused { code: String, message: String },
+    /// The server sent `kicked`.
+    Kicked { reason: String },
+    /// We sent `leave`.
+    Left,
+}
+
+/// A remote participant as announced by `peer_joined` and kept current by
+/// `media_state` and `speaking`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemotePeer {
+    pub user_id: String,
+    pub flags: MediaFlags,
+    /// Last `level` of a `speaking` message.
+    pub level: Option<u8>,
+    /// How many `speaking` messages named this peer.
+    pub speaking_events: u64,
+}
+
+/// A track announced by `track_published` and not yet unpublished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnouncedTrack {
+    pub peer_id: String,
+    pub track_id: String,
+    pub kind: String,
+    pub source: String,
+}
+
+/// One of our published tracks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTrack {
+    pub mid: String,
+    pub kind: MediaKind,
+    /// Our track id (the second `a=msid` token of our offer).
+    pub track_id: String,
+    /// Negotiated payload type; `None` until the answer accepted our codec.
+    pub pt: Option<u8>,
+}
+
+/// An `error` message from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    pub code: String,
+    pub message: String,
+    pub request_id: Option<String>,
+}
+
+/// A received signaling message, as logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedMessage {
+    /// Its `type` field (empty when it has none).
+    pub kind: String,
+    pub raw: String,
+}
+
+/// How the signaling channel ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseInfo {
+    /// WebSocket close code, `None` when the connection dropped without a close frame.
+    pub code: Option<u16>,
+    pub reason: String,
+}
+
+/// Receive statistics of one remote track.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrackStats {
+    /// Publisher's peer id: the msid stream id of the server's offer.
+    pub peer_id: String,
+    /// The msid track id of the server's offer.
+    pub track_id: String,
+    pub mid: String,
+    pub kind: MediaKind,
+    /// Encoding name from the offer's rtpmap for the last packet's payload type.
+    pub codec: Option<String>,
+    pub packets: u64,
+    /// RTP payload bytes.
+    pub bytes: u64,
+    /// VP8 frame starts that are keyframes.
+    pub keyframes: u64,
+    /// Packets without our stamp (not counted in loss or latency).
+    pub unstamped: u64,
+    /// Distinct stamped packets.
+    pub received: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    /// Send-to-receive latency in microseconds.
+    pub latency_us: Option<Summary>,
+    pub last_received: Option<Instant>,
+}
+
+/// What we sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SentStats {
+    pub audio_packets: u64,
+    pub video_packets: u64,
+    pub video_frames: u64,
+    pub keyframes: u64,
+    /// RTP payload bytes.
+    pub bytes: u64,
+}
+
+/// A snapshot of everything a test may want to assert on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientStats {
+    pub state: SessionState,
+    pub peer_id: Option<String>,
+    /// Participants currently in the room (`peer_joined` minus `peer_left`).
+    pub peers: BTreeMap<String, RemotePeer>,
+    /// Peer ids of `peer_left` messages, oldest first (bounded).
+    pub peers_left: Vec<String>,
+    /// Tracks announced by `track_published` and not unpublished.
+    pub announced_tracks: Vec<AnnouncedTrack>,
+    /// The m-sections of the most recent server offer we accepted.
+    pub offered: Vec<MediaSection>,
+    /// Receive statistics per (mid, msid).
+    pub tracks: Vec<TrackStats>,
+    /// Packets on a mid the latest offer does not attribute to an msid.
+    pub unattributed_packets: u64,
+    pub published: Vec<LocalTrack>,
+    pub sent: SentStats,
+    pub subscriber_offers: u64,
+    pub publisher_answers: u64,
+    pub pongs: u64,
+    /// PLI/FIR received for our video.
+    pub keyframe_requests: u64,
+    pub publisher_connected: bool,
+    pub subscriber_connected: bool,
+    /// `error` messages (bounded, oldest first).
+    pub errors: Vec<ServerError>,
+    /// Server behaviour the protocol or WebRTC does not allow, and local failures it
+    /// caused (bounded, oldest first). Empty in a healthy session.
+    pub violations: Vec<String>,
+    /// Received signaling messages (bounded, oldest first).
+    pub messages: Vec<LoggedMessage>,
+    /// Server candidates ignored because they were neither loopback nor in its SDP.
+    pub ignored_candidates: u64,
+    /// Datagrams str0m wanted to send somewhere not allowed.
+    pub blocked_transmits: u64,
+    pub closed: Option<CloseInfo>,
+}
+
+impl ClientStats {
+    /// `(stream id, track id)` of every m-section the latest offer sends on.
+    pub fn active_msids(&self) -> Vec<(String, String)> {
+        self.offered
+            .iter()
+            .filter(|m| m.is_active_send())
+            .map(|m| {
+                (
+                    m.stream_id.clone().unwrap_or_default(),
+                    m.track_id.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Receive statistics of tracks published by `peer_id`.
+    pub fn tracks_from<'a>(&'a self, peer_id: &'a str) -> impl Iterator<Item = &'a TrackStats> {
+        self.tracks.iter().filter(move |t| t.peer_id == peer_id)
+    }
+
+    /// The `kind` track from `peer_id` that received the most packets.
+    pub fn track(&self, peer_id: &str, kind: MediaKind) -> Option<&TrackStats> {
+        self.tracks_from(peer_id)
+            .filter(|t| t.kind == kind)
+            .max_by_key(|t| t.packets)
+    }
+
+    /// Whether an `error` with this code arrived.
+    pub fn has_error(&self, code: &str) -> bool {
+        self.errors.iter().any(|e| e.code == code)
+    }
+
+    /// Logged messages of one type.
+    pub fn messages_of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a LoggedMessage> {
+        self.messages.iter().filter(move |m| m.kind == kind)
+    }
+}
+
+/// Counters that tell a driver whether a new snapshot is worth taking: signaling
+/// changes matter at once, media counters only periodically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Generation {
+    pub signaling: u64,
+    pub media: u64,
+}
+
+struct Endpoint {
+    rtc: Rtc,
+    local: SocketAddr,
+    connected: bool,
+    timeout: Instant,
+}
+
+impl Endpoint {
+    fn new(leg: Leg, local: SocketAddr, now: Instant) -> Self {
+        // RTP mode: we write ready RTP payloads and read packets without depacketizing.
+        let mut config = Rtc::builder().set_rtp_mode(true);
+        if leg == Leg::Publisher {
+            // Offer exactly what we generate, so the server cannot pick another codec.
+            config = config.clear_codecs().enable_opus(true, false).enable_vp8(true);
+        }
+        let mut rtc = config.build(now);
+        // A host candidate for our socket; str0m puts it in our SDP.
+        if let Ok(c) = Candidate::host(local, "udp") {
+            rtc.add_local_candidate(c);
+        }
+        Self {
+            rtc,
+            local,
+            connected: false,
+            timeout: now,
+        }
+    }
+}
+
+struct Publishing {
+    mid: Mid,
+    pt: Option<Pt>,
+}
+
+#[derive(Default)]
+struct TrackRx {
+    kind: Option<MediaKind>,
+    codec: Option<String>,
+    packets: u64,
+    bytes: u64,
+    keyframes: u64,
+    unstamped: u64,
+    seq: SeqTracker,
+    latency: Histogram,
+    last_received: Option<Instant>,
+}
+
+/// The sans-IO participant. See the module docs.
+pub struct Peer {
+    config: PeerConfig,
+    time_base: TimeBase,
+    last_now: Instant,
+    publisher: Endpoint,
+    subscriber: Endpoint,
+    state: SessionState,
+    peer_id: Option<String>,
+    next_request: u64,
+    join_request: String,
+    pending_offer: Option<(SdpPendingOffer, String)>,
+    /// The wanted tracks changed while an offer was outstanding.
+    renegotiate: bool,
+    audio: Option<Publishing>,
+    video: Option<Publishing>,
+    audio_src: AudioSource,
+    video_src: VideoSource,
+    offered: Vec<MediaSection>,
+    server_addrs: Vec<SocketAddr>,
+    rx: BTreeMap<(String, String, String), TrackRx>,
+    unattributed_packets: u64,
+    peers: BTreeMap<String, RemotePeer>,
+    peers_left: VecDeque<String>,
+    announced: BTreeMap<(String, String), AnnouncedTrack>,
+    errors: VecDeque<ServerError>,
+    violations: VecDeque<String>,
+    log: VecDeque<LoggedMessage>,
+    sent: SentStats,
+    subscriber_offers: u64,
+    publisher_answers: u64,
+    pongs: u64,
+    keyframe_requests: u64,
+    ignored_candidates: u64,
+    blocked_transmits: u64,
+    closed: Option<CloseInfo>,
+    out_signal: VecDeque<String>,
+    out_transmit: VecDeque<Transmit>,
+    generation: Generation,
+}
+
+impl Peer {
+    /// Creates the participant and queues its `join`. `publisher_addr` and
+    /// `subscriber_addr` are the local sockets of the two legs.
+    pub fn new(
+        config: PeerConfig,
+        time_base: TimeBase,
+        publisher_addr: SocketAddr,
+        subscriber_addr: SocketAddr,
+        now: Instant,
+    ) -> Self {
+        let publisher = Endpoint::new(Leg::Publisher, publisher_addr, now);
+        let subscriber = Endpoint::new(Leg::Subscriber, subscriber_addr, now);
+        // Vary RTP numbering per participant without a random number generator.
+        let seed = u32::from(publisher_addr.port()) << 16 | u32::from(subscriber_addr.port());
+        let mut peer = Self {
+            time_base,
+            last_now: now,
+            publisher,
+            subscriber,
+            state: SessionState::Joining,
+            peer_id: None,
+            next_request: 1,
+            join_request: String::new(),
+            pending_offer: None,
+            renegotiate: false,
+            audio: None,
+            video: None,
+            audio_src: AudioSource::new(seed),
+            video_src: VideoSource::new(seed.rotate_left(8), &config.media),
+            offered: Vec::new(),
+            server_addrs: Vec::new(),
+            rx: BTreeMap::new(),
+            unattributed_packets: 0,
+            peers: BTreeMap::new(),
+            peers_left: VecDeque::new(),
+            announced: BTreeMap::new(),
+            errors: VecDeque::new(),
+            violations: VecDeque::new(),
+            log: VecDeque::new(),
+            sent: SentStats::default(),
+            subscriber_offers: 0,
+            publisher_answers: 0,
+            pongs: 0,
+            keyframe_requests: 0,
+            ignored_candidates: 0,
+            blocked_transmits: 0,
+            closed: None,
+            out_signal: VecDeque::new(),
+            out_transmit: VecDeque::new(),
+            generation: Generation::default(),
+            config,
+        };
+        peer.join_request = peer.request_id("join");
+        peer.send(ClientMessage::Join {
+            session_id: peer.config.room.clone(),
+            user_id: peer.config.user.clone(),
+            ticket: peer.config.ticket.clone(),
+            request_id: Some(peer.join_request.clone()),
+        });
+        peer
+    }
+
+    /// Queues a message to the server.
+    pub fn send(&mut self, message: ClientMessage) {
+        if self.out_signal.len() >= MAX_QUEUED_SIGNALS {
+            self.violation("signaling output queue full: driver not draining".into());
+            return;
+        }
+        self.out_signal.push_back(message.to_json());
+    }
+
+    /// Sends `leave` and stops media.
+    pub fn leave(&mut self) {
+        self.send(ClientMessage::Leave);
+        self.state = SessionState::Left;
+        self.audio_src.pacer.stop();
+        self.video_src.pacer.stop();
+        self.generation.signaling += 1;
+    }
+
+    /// Changes which tracks we publish, renegotiating the publisher connection.
+    pub fn set_publish(&mut self, audio: bool, video: bool, now: Instant) {
+        self.config.publish_audio = audio;
+        self.config.publish_video = video;
+        self.negotiate_publisher();
+        self.drive(now);
+    }
+
+    /// Changes the RFC 6464 level of subsequent audio packets (-127 silence .. 0).
+    pub fn set_audio_level(&mut self, level: i8) {
+        self.config.media.audio_level = level.clamp(-127, 0);
+    }
+
+    /// A text message from the signaling channel.
+    pub fn handle_signal(&mut self, text: &str, now: Instant) {
+        let now = self.advance(now);
+        self.generation.signaling += 1;
+        if self.config.message_log_capacity > 0 {
+            if self.log.len() >= self.config.message_log_capacity {
+                self.log.pop_front();
+            }
+            self.log.push_back(LoggedMessage {
+                kind: message_type(text).unwrap_or_default(),
+                raw: text.to_string(),
+            });
+        }
+        match serde_json::from_str::<ServerMessage>(text) {
+            Ok(message) => self.on_message(message, now),
+            Err(e) => self.violation(format!("unparseable server message ({e}): {text:.200}")),
+        }
+        self.drive(now);
+    }
+
+    /// The signaling channel is gone; media stops and the peer is finished.
+    pub fn handle_signaling_closed(&mut self, code: Option<u16>, reason: String) {
+        self.closed = Some(CloseInfo { code, reason });
+        self.audio_src.pacer.stop();
+        self.video_src.pacer.stop();
+        self.generation.signaling += 1;
+    }
+
+    /// Records something the driver saw on the signaling channel that the protocol
+    /// does not allow (e.g. a binary frame).
+    pub fn report_violation(&mut self, what: String) {
+        self.violation(what);
+    }
+
+    /// A datagram that arrived on `leg`'s socket from `source` at `at`.
+    pub fn handle_datagram(&mut self, leg: Leg, source: SocketAddr, contents: &[u8], at: Instant) {
+        let at = self.advance(at);
+        let Ok(contents) = contents.try_into() else {
+            return;
+        };
+        let endpoint = self.endpoint(leg);
+        let input = Input::Receive(
+            at,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: endpoint.local,
+                contents,
+            },
+        );
+        // Each leg has its own socket, but strays (late packets of an old session, a
+        // scanner) must not reach str0m.
+        if !endpoint.rtc.accepts(&input) {
+            return;
+        }
+        if let Err(e) = endpoint.rtc.handle_input(input) {
+            self.violation(format!("{leg:?} rejected a datagram: {e}"));
+        }
+        self.drive(at);
+    }
+
+    /// Time passed; call at [`Peer::poll_timeout`] (calling earlier is harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.advance(now);
+        for leg in [Leg::Publisher, Leg::Subscriber] {
+            let endpoint = self.endpoint(leg);
+            if endpoint.rtc.is_alive() {
+                if let Err(e) = endpoint.rtc.handle_input(Input::Timeout(now)) {
+                    self.violation(format!("{leg:?} timeout handling failed: {e}"));
+                }
+            }
+        }
+        self.drive(now);
+    }
+
+    /// Next signaling message to send.
+    pub fn poll_signal(&mut self) -> Option<String> {
+        self.out_signal.pop_front()
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out_transmit.pop_front()
+    }
+
+    /// When [`Peer::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Instant {
+        [self.audio_src.pacer.next(), self.video_src.pacer.next()]
+            .into_iter()
+            .flatten()
+            .fold(
+                self.publisher.timeout.min(self.subscriber.timeout),
+                Instant::min,
+            )
+    }
+
+    /// Whether the signaling channel has closed; nothing more will happen.
+    pub fn is_finished(&self) -> bool {
+        self.closed.is_some()
+    }
+
+    /// Our peer id once joined.
+    pub fn peer_id(&self) -> Option<&str> {
+        self.peer_id.as_deref()
+    }
+
+    /// Change counters, for deciding when to take a snapshot.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// A snapshot of the session and its media statistics.
+    pub fn stats(&self) -> ClientStats {
+        let tracks = self
+            .rx
+            .iter()
+            .filter_map(|((mid, peer_id, track_id), t)| {
+                Some(TrackStats {
+                    peer_id: peer_id.clone(),
+                    track_id: track_id.clone(),
+                    mid: mid.clone(),
+                    kind: t.kind?,
+                    codec: t.codec.clone(),
+                    packets: t.packets,
+                    bytes: t.bytes,
+                    keyframes: t.keyframes,
+                    unstamped: t.unstamped,
+                    received: t.seq.unique(),
+                    lost: t.seq.lost(),
+                    duplicates: t.seq.duplicates(),
+                    reordered: t.seq.reordered(),
+                    latency_us: t.latency.summary(),
+                    last_received: t.last_received,
+                })
+            })
+            .collect();
+        let published = [(&self.audio, MediaKind::Audio), (&self.video, MediaKind::Video)]
+            .into_iter()
+            .filter_map(|(p, kind)| {
+                let p = p.as_ref()?;
+                Some(LocalTrack {
+                    mid: p.mid.to_string(),
+                    kind,
+                    track_id: self
+                        .publisher
+                        .rtc
+                        .media(p.mid)
+                        .map(|m| m.track_id().to_string())
+                        .unwrap_or_default(),
+                    pt: p.pt.map(|pt| *pt),
+                })
+            })
+            .collect();
+        ClientStats {
+            state: self.state.clone(),
+            peer_id: self.peer_id.clone(),
+            peers: self.peers.clone(),
+            peers_left: self.peers_left.iter().cloned().collect(),
+            announced_tracks: self.announced.values().cloned().collect(),
+            offered: self.offered.clone(),
+            tracks,
+            unattributed_packets: self.unattributed_packets,
+            published,
+            sent: self.sent,
+            subscriber_offers: self.subscriber_offers,
+            publisher_answers: self.publisher_answers,
+            pongs: self.pongs,
+            keyframe_requests: self.keyframe_requests,
+            publisher_connected: self.publisher.connected,
+            subscriber_connected: self.subscriber.connected,
+            errors: self.errors.iter().cloned().collect(),
+            violations: self.violations.iter().cloned().collect(),
+            messages: self.log.iter().cloned().collect(),
+            ignored_candidates: self.ignored_candidates,
+            blocked_transmits: self.blocked_transmits,
+            closed: self.closed.clone(),
+        }
+    }
+
+    fn on_message(&mut self, message: ServerMessage, now: Instant) {
+        match message {
+            ServerMessage::Joined {
+                peer_id,
+                session_id,
+                request_id,
+                ..
+            } => {
+                if self.state != SessionState::Joining {
+                    self.violation(format!("joined while {:?}", self.state));
+                    return;
+                }
+                if session_id != self.config.room {
+                    self.violation(format!(
+                        "joined names session {session_id:?}, we asked for {:?}",
+                        self.config.room
+                    ));
+                }
+                if request_id.as_deref() != Some(self.join_request.as_str()) {
+                    self.violation(format!("joined echoes requestId {request_id:?}"));
+                }
+                self.peer_id = Some(peer_id);
+                self.state = SessionState::Joined;
+                self.negotiate_publisher();
+            }
+            ServerMessage::PeerJoined {
+                peer_id,
+                user_id,
+                flags,
+            } => {
+                if self.peer_id.as_ref() == Some(&peer_id) {
+                    self.violation("peer_joined announces ourselves".into());
+                    return;
+                }
+                self.peers.insert(
+                    peer_id,
+                    RemotePeer {
+                        user_id,
+                        flags,
+                        level: None,
+                        speaking_events: 0,
+                    },
+                );
+            }
+            ServerMessage::PeerLeft { peer_id } => {
+                if self.peers.remove(&peer_id).is_none() {
+                    self.violation(format!("peer_left for unknown peer {peer_id}"));
+                }
+                if self.peers_left.len() >= MAX_PEERS_LEFT {
+                    self.peers_left.pop_front();
+                }
+                self.peers_left.push_back(peer_id);
+            }
+            ServerMessage::MediaState { peer_id, flags } => {
+                if self.peer_id.as_ref() == Some(&peer_id) {
+                    self.violation("media_state echoed to its sender".into());
+                } else if let Some(p) = self.peers.get_mut(&peer_id) {
+                    p.flags = flags;
+                } else {
+                    self.violation(format!("media_state for unknown peer {peer_id}"));
+                }
+            }
+            ServerMessage::Answer { sdp, request_id } => self.on_answer(&sdp, request_id, now),
+            ServerMessage::Offer { sdp } => self.on_offer(&sdp),
+            ServerMessage::Candidate {
+                candidate, target, ..
+            } => self.on_candidate(&candidate, target),
+            ServerMessage::TrackPublished {
+                peer_id,
+                track_id,
+                kind,
+                source,
+            } => {
+                if self.announced.len() < MAX_RX_TRACKS {
+                    let key = (peer_id.clone(), track_id.clone());
+                    self.announced.insert(
+                        key,
+                        AnnouncedTrack {
+                            peer_id,
+                            track_id,
+                            kind,
+                            source,
+                        },
+                    );
+                }
+            }
+            ServerMessage::TrackUnpublished { peer_id, track_id } => {
+                self.announced.remove(&(peer_id, track_id));
+            }
+            ServerMessage::Speaking {
+                peer_id,
+                speaking,
+                level,
+            } => {
+                if let Some(p) = self.peers.get_mut(&peer_id) {
+                    p.flags.speaking = speaking;
+                    p.level = level;
+                    p.speaking_events += 1;
+                } else if self.peer_id.as_ref() != Some(&peer_id) {
+                    self.violation(format!("speaking for unknown peer {peer_id}"));
+                }
+            }
+            ServerMessage::Kicked { reason } => {
+                self.state = SessionState::Kicked { reason };
+                self.audio_src.pacer.stop();
+                self.video_src.pacer.stop();
+            }
+            ServerMessage::Error {
+                code,
+                message,
+                request_id,
+            } => {
+                if self.state == SessionState::Joining {
+                    self.state = SessionState::Refused {
+                        code: code.clone(),
+                        message: message.clone(),
+                    };
+                }
+                if self.errors.len() >= MAX_ERRORS {
+                    self.errors.pop_front();
+                }
+                self.errors.push_back(ServerError {
+                    code,
+                    message,
+                    request_id,
+                });
+            }
+            ServerMessage::Pong { .. } => self.pongs += 1,
+        }
+    }
+
+    /// Sends a publisher offer when the published tracks differ from the wanted ones.
+    fn negotiate_publisher(&mut self) {
+        if self.state != SessionState::Joined {
+            return;
+        }
+        if self.pending_offer.is_some() {
+            self.renegotiate = true;
+            return;
+        }
+        let stream_id = self.peer_id.clone();
+        let mut api = self.publisher.rtc.sdp_api();
+        for (want, slot, kind) in [
+            (self.config.publish_audio, &mut self.audio, MediaKind::Audio),
+            (self.config.publish_video, &mut self.video, MediaKind::Video),
+        ] {
+            match (want, slot.as_ref()) {
+                (true, None) => {
+                    let mid = api.add_media(kind, Direction::SendOnly, stream_id.clone(), None, None);
+                    *slot = Some(Publishing { mid, pt: None });
+                }
+                (false, Some(p)) => {
+                    api.stop_media(p.mid);
+                    *slot = None;
+                }
+                _ => {}
+            }
+        }
+        if self.audio.is_none() {
+            self.audio_src.pacer.stop();
+        }
+        if self.video.is_none() {
+            self.video_src.pacer.stop();
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return;
+        };
+        let request_id = self.request_id("offer");
+        self.pending_offer = Some((pending, request_id.clone()));
+        self.send(ClientMessage::Offer {
+            sdp: offer.to_sdp_string(),
+            request_id: Some(request_id),
+        });
+    }
+
+    fn on_answer(&mut self, sdp: &str, request_id: Option<String>, now: Instant) {
+        let Some((pending, ours)) = self.pending_offer.take() else {
+            self.violation("answer without an outstanding offer".into());
+            return;
+        };
+        self.publisher_answers += 1;
+        if request_id.as_ref() != Some(&ours) {
+            self.violation(format!("answer echoes requestId {request_id:?}, sent {ours}"));
+        }
+        self.learn_server_addrs(sdp);
+        let accepted = SdpAnswer::from_sdp_string(sdp)
+            .map_err(|e| e.to_string())
+            .and_then(|answer| {
+                self.publisher
+                    .rtc
+                    .sdp_api()
+                    .accept_answer(pending, answer)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = accepted {
+            self.violation(format!("publisher answer not accepted: {e}"));
+            return;
+        }
+        for (slot, codec) in [(&mut self.audio, Codec::Opus), (&mut self.video, Codec::Vp8)] {
+            if let Some(p) = slot {
+                p.pt = negotiated_pt(&self.publisher.rtc, p.mid, codec);
+            }
+        }
+        for (slot, codec) in [(&self.audio, "Opus"), (&self.video, "VP8")] {
+            if slot.as_ref().is_some_and(|p| p.pt.is_none()) {
+                self.violation(format!("answer did not accept {codec}"));
+            }
+        }
+        self.start_sources(now);
+        if std::mem::take(&mut self.renegotiate) {
+            self.negotiate_publisher();
+        }
+    }
+
+    fn on_offer(&mut self, sdp: &str) {
+        self.subscriber_offers += 1;
+        self.learn_server_addrs(sdp);
+        let answer = SdpOffer::from_sdp_string(sdp)
+            .map_err(|e| e.to_string())
+            .and_then(|offer| {
+                self.subscriber
+                    .rtc
+                    .sdp_api()
+                    .accept_offer(offer)
+                    .map_err(|e| e.to_string())
+            });
+        match answer {
+            Ok(answer) => {
+                self.offered = summarize(sdp).media;
+                self.send(ClientMessage::Answer {
+                    sdp: answer.to_sdp_string(),
+                });
+            }
+            Err(e) => self.violation(format!("subscriber offer not accepted: {e}")),
+        }
+    }
+
+    fn on_candidate(&mut self, candidate: &str, target: Target) {
+        if candidate.is_empty() {
+            // End of candidates: nothing to do for a full agent that already has them.
+            return;
+        }
+        let text = candidate.strip_prefix("a=").unwrap_or(candidate);
+        let c = match Candidate::from_sdp_string(text) {
+            Ok(c) => c,
+            Err(e) => {
+                self.violation(format!("bad server candidate: {e}"));
+                return;
+            }
+        };
+        if !self.destination_allowed(c.addr()) {
+            self.ignored_candidates += 1;
+            return;
+        }
+        let leg = match target {
+            Target::Publisher => Leg::Publisher,
+            Target::Subscriber => Leg::Subscriber,
+        };
+        self.endpoint(leg).rtc.add_remote_candidate(c);
+    }
+
+    fn learn_server_addrs(&mut self, sdp: &str) {
+        for addr in summarize(sdp).candidates {
+            if !self.server_addrs.contains(&addr) && self.server_addrs.len() < MAX_SERVER_ADDRS {
+                self.server_addrs.push(addr);
+            }
+        }
+    }
+
+    /// Loopback, or an address the server itself listed in an SDP: we never send
+    /// anywhere else.
+    fn destination_allowed(&self, addr: SocketAddr) -> bool {
+        addr.ip().is_loopback() || self.server_addrs.contains(&addr)
+    }
+
+    /// Starts the media clocks of negotiated tracks once the publisher is connected.
+    fn start_sources(&mut self, now: Instant) {
+        if !self.publisher.connected || self.closed.is_some() || self.state != SessionState::Joined
+        {
+            return;
+        }
+        if self.audio.as_ref().is_some_and(|p| p.pt.is_some())
+            && self.audio_src.pacer.next().is_none()
+        {
+            self.audio_src.pacer.start(now);
+        }
+        if self.video.as_ref().is_some_and(|p| p.pt.is_some())
+            && self.video_src.pacer.next().is_none()
+        {
+            self.video_src.pacer.start(now);
+        }
+    }
+
+    /// Generates due media and drains both connections, twice at most: a keyframe
+    /// request surfaced while draining makes a frame due immediately.
+    fn drive(&mut self, now: Instant) {
+        for _ in 0..2 {
+            self.generate_media(now);
+            self.poll_leg(Leg::Publisher, now);
+            self.poll_leg(Leg::Subscriber, now);
+            if self.poll_timeout() > now {
+                break;
+            }
+        }
+    }
+
+    fn generate_media(&mut self, now: Instant) {
+        let unix = self.time_base.unix_micros(now);
+        let media = &self.config.media;
+        let audio_ext = ExtensionValues {
+            audio_level: Some(media.audio_level),
+            voice_activity: Some(media.audio_level > -127),
+            ..Default::default()
+        };
+        if let Some(Publishing { mid, pt: Some(pt) }) = self.audio {
+            while let Some(p) = self.audio_src.poll(now, unix, media) {
+                self.sent.audio_packets += 1;
+                self.sent.bytes += p.payload.len() as u64;
+                write_rtp(&mut self.publisher.rtc, mid, pt, p, now, audio_ext.clone(), false);
+            }
+        }
+        if let Some(Publishing { mid, pt: Some(pt) }) = self.video {
+            loop {
+                let packets = self.video_src.poll(now, unix, media);
+                let Some(first) = packets.first() else {
+                    break;
+                };
+                self.sent.video_frames += 1;
+                if parse_vp8(&first.payload).is_some_and(|i| i.keyframe) {
+                    self.sent.keyframes += 1;
+                }
+                for p in packets {
+                    self.sent.video_packets += 1;
+                    self.sent.bytes += p.payload.len() as u64;
+                    let ext = ExtensionValues::default();
+                    write_rtp(&mut self.publisher.rtc, mid, pt, p, now, ext, true);
+                }
+            }
+        }
+    }
+
+    /// Drains one connection's output until it reports its next timeout.
+    fn poll_leg(&mut self, leg: Leg, now: Instant) {
+        loop {
+            let endpoint = self.endpoint(leg);
+            if !endpoint.rtc.is_alive() {
+                endpoint.timeout = now + IDLE;
+                return;
+            }
+            let output = match endpoint.rtc.poll_output() {
+                Ok(o) => o,
+                Err(e) => {
+                    endpoint.rtc.disconnect();
+                    self.violation(format!("{leg:?} connection failed: {e}"));
+                    return;
+                }
+            };
+            match output {
+                Output::Timeout(t) => {
+                    self.endpoint(leg).timeout = t;
+                    return;
+                }
+                Output::Transmit(t) => {
+                    if !self.destination_allowed(t.destination) {
+                        self.blocked_transmits += 1;
+                    } else if self.out_transmit.len() < MAX_QUEUED_TRANSMITS {
+                        self.out_transmit.push_back(Transmit {
+                            leg,
+                            destination: t.destination,
+                            contents: t.contents.into(),
+                        });
+                    }
+                }
+                Output::Event(e) => self.on_event(leg, e, now),
+            }
+        }
+    }
+
+    fn on_event(&mut self, leg: Leg, event: Event, now: Instant) {
+        match (leg, event) {
+            (_, Event::Connected) => {
+                self.endpoint(leg).connected = true;
+                self.generation.signaling += 1;
+                self.start_sources(now);
+            }
+            (Leg::Publisher, Event::KeyframeRequest(req)) => {
+                if self.video.as_ref().is_some_and(|v| v.mid == req.mid) {
+                    self.keyframe_requests += 1;
+                    self.video_src.request_keyframe(now);
+                }
+            }
+            (Leg::Subscriber, Event::RtpPacket(packet)) => self.on_rtp(&packet),
+            _ => {}
+        }
+    }
+
+    fn on_rtp(&mut self, packet: &RtpPacket) {
+        self.generation.media += 1;
+        let mid = packet.header.ext_vals.mid.or_else(|| {
+            self.subscriber
+                .rtc
+                .direct_api()
+                .stream_rx(&packet.header.ssrc)
+                .map(|s| s.mid())
+        });
+        let section = mid.and_then(|mid| {
+            self.offered
+                .iter()
+                .find(|s| s.mid == *mid && s.stream_id.is_some())
+        });
+        let Some(section) = section else {
+            self.unattributed_packets += 1;
+            return;
+        };
+        let kind = match section.kind.as_str() {
+            "audio" => MediaKind::Audio,
+            "video" => MediaKind::Video,
+            _ => {
+                self.unattributed_packets += 1;
+                return;
+            }
+        };
+        let key = (
+            section.mid.clone(),
+            section.stream_id.clone().unwrap_or_default(),
+            section.track_id.clone().unwrap_or_default(),
+        );
+        let codec = section.codecs.get(&*packet.header.payload_type).cloned();
+        if !self.rx.contains_key(&key) && self.rx.len() >= MAX_RX_TRACKS {
+            self.unattributed_packets += 1;
+            return;
+        }
+        let received_unix = self.time_base.unix_micros(packet.timestamp);
+        let track = self.rx.entry(key).or_default();
+        track.kind = Some(kind);
+        track.packets += 1;
+        track.bytes += packet.payload.len() as u64;
+        track.last_received = Some(packet.timestamp);
+        if codec.as_deref().is_some_and(|c| c.eq_ignore_ascii_case("vp8"))
+            && parse_vp8(&packet.payload).is_some_and(|i| i.keyframe)
+        {
+            track.keyframes += 1;
+        }
+        track.codec = codec;
+        match Stamp::from_trailer(&packet.payload) {
+            Some(stamp) => {
+                track.seq.record(stamp.seq);
+                track
+                    .latency
+                    .record(received_unix.saturating_sub(stamp.sent_unix_micros));
+            }
+            None => track.unstamped += 1,
+        }
+    }
+
+    fn endpoint(&mut self, leg: Leg) -> &mut Endpoint {
+        match leg {
+            Leg::Publisher => &mut self.publisher,
+            Leg::Subscriber => &mut self.subscriber,
+        }
+    }
+
+    /// Time never goes backwards for str0m, even when a datagram's receive time is
+    /// older than a timeout already handled.
+    fn advance(&mut self, now: Instant) -> Instant {
+        self.last_now = self.last_now.max(now);
+        self.last_now
+    }
+
+    fn request_id(&mut self, what: &str) -> String {
+        let id = format!("{what}-{}", self.next_request);
+        self.next_request += 1;
+        id
+    }
+
+    fn violation(&mut self, what: String) {
+        self.generation.signaling += 1;
+        if self.violations.len() >= MAX_VIOLATIONS {
+            self.violations.pop_front();
+        }
+        self.violations.push_back(what);
+    }
+}
+
+/// The payload type the answer accepted for `codec` on `mid`.
+fn negotiated_pt(rtc: &Rtc, mid: Mid, codec: Codec) -> Option<Pt> {
+    let remote = rtc.media(mid)?.remote_pts();
+    rtc.codec_config()
+        .find(|p| p.spec().codec == codec && remote.contains(&p.pt()))
+        .map(|p| p.pt())
+}
+
+fn write_rtp(
+    rtc: &mut Rtc,
+    mid: Mid,
+    pt: Pt,
+    packet: MediaPacket,
+    now: Instant,
+    ext: ExtensionValues,
+    nackable: bool,
+) {
+    let mut api = rtc.direct_api();
+    let Some(stream) = api.stream_tx_by_mid(mid, None) else {
+        return;
+    };
+    stream.write_rtp(
+        RtpWrite::new(
+            pt,
+            packet.rtp_seq.into(),
+            packet.rtp_time,
+            now,
+            packet.payload,
+        )
+        .marker(packet.marker)
+        .nackable(nackable)
+        .ext_vals(ext),
+    );
+}

@@ -1,0 +1,30 @@
+//! `corelay`: parse the configuration, start the shards, print where we listen.
+
+use clap::Parser;
+use corelay::config::{Config, LogFormat};
+use corelay::server::Server;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let config = Config::parse();
+    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
+    }
+    match Server::start(config) {
+        Ok(server) => {
+            // One line on stdout, for scripts and tests waiting for readiness.
+            println!("listening http://{}", server.http_addr);
+            server.wait();
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("corelay: could not start: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! How a shard builds its str0m `Rtc`s: ICE-lite, RTP mode, one DTLS certificate per
+//! shard, server-chosen ICE credentials (their ufrag is the routing key for the first
+//! STUN packet), and codec lists trimmed to what we forward.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use str0m::config::DtlsCert;
+use str0m::format::Codec;
+use str0m::media::Pt;
+use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
+
+/// H264 constrained baseline, packetization mode 1: what every browser decodes.
+const SUBSCRIBER_H264: (u8, u8, u32) = (108, 109, 0x42e01f);
+
+pub struct RtcFactory {
+    cert: DtlsCert,
+    candidates: Vec<Candidate>,
+}
+
+pub enum Role {
+    /// Receives the client's media; accepts any codec we can forward.
+    Publisher,
+    /// Sends media to the client; offers a short codec list so offers stay small.
+    Subscriber,
+}
+
+impl RtcFactory {
+    /// `addrs`: the candidate addresses (public IPs with this shard's UDP port).
+    pub fn new(addrs: &[SocketAddr]) -> Result<Self, String> {
+        let cert = str0m::crypto::from_feature_flags()
+            .dtls_provider
+            .generate_certificate()
+            .ok_or("could not generate a DTLS certificate")?;
+        let candidates = addrs
+            .iter()
+            .map(|addr| Candidate::host(*addr, "udp").map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { cert, candidates })
+    }
+
+    /// Builds an `Rtc` and returns it with its local ICE ufrag.
+    pub fn build(&self, role: Role, now: Instant) -> (Rtc, String) {
+        let creds = IceCreds::new();
+        let ufrag = creds.ufrag.clone();
+        let mut config = RtcConfig::new()
+            .set_rtp_mode(true)
+            .set_ice_lite(true)
+            .set_local_ice_credentials(creds)
+            .set_dtls_cert(self.cert.clone())
+            .set_stats_interval(None)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_vp9(true);
+        config = match role {
+            Role::Publisher => config.enable_h264(true),
+            Role::Subscriber => {
+                let (pt, rtx, profile) = SUBSCRIBER_H264;
+                config
+                    .codec_config()
+                    .add_h264(pt.into(), Some(rtx.into()), true, profile);
+                config
+            }
+        };
+        let mut rtc = config.build(now);
+        for candidate in &self.candidates {
+            rtc.add_local_candidate(candidate.clone());
+        }
+        (rtc, ufrag)
+    }
+}
+
+/// The codec behind a negotiated payload type of `rtc`.
+pub fn codec_of(rtc: &Rtc, pt: Pt) -> Option<Codec> {
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.pt() == pt)
+        .map(|p| p.spec().codec)
+}
+
+/// The payload type `rtc` uses for `codec`, if it negotiated one.
+pub fn pt_for(rtc: &Rtc, codec: Codec) -> Option<Pt> {
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.spec().codec == codec)
+        .map(|p| p.pt())
+}

@@ -1,0 +1,68 @@
+//! Start-up: bind every socket first (so the ports are known and a bind failure is
+//! reported before anything runs), then start one executor per shard. Shard 0's
+//! executor also runs the accept side: the HTTP listener and the hub that routes
+//! shard replies to WebSocket sessions.
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use glommio::net::TcpListener;
+use tracing::info;
+
+use crate::config::Config;
+use crate::metrics::AcceptMetrics;
+use crate::shard::mailbox::mailbox;
+use crate::shard::{self, Extra};
+use crate::signaling::Hub;
+
+/// Replies from all shards waiting for the accept shard.
+const ACCEPT_MAILBOX: usize = 65_536;
+
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub udp_addrs: Vec<SocketAddr>,
+    executors: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(config: Config) -> std::io::Result<Self> {
+        let prepared = shard::prepare(&config)?;
+        let handles: Vec<_> = prepared.iter().map(|p| p.handle.clone()).collect();
+        let listener = StdTcpListener::bind(config.http_addr())?;
+        let http_addr = listener.local_addr()?;
+        let (to_accept, accept_inbox) = mailbox(ACCEPT_MAILBOX);
+
+        let accept_config = config.clone();
+        let accept_handles = handles.clone();
+        let listener_fd = listener.into_raw_fd();
+        let mut accept: Option<Extra> = Some(Box::new(move || {
+            // SAFETY: the fd is a bound listener whose ownership moved into this closure.
+            let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
+            let metrics = Arc::new(AcceptMetrics::default());
+            let hub = Rc::new(Hub::new(accept_config, accept_handles, metrics, http_addr.port()));
+            glommio::spawn_local(hub.clone().dispatch(accept_inbox)).detach();
+            glommio::spawn_local(crate::http::serve(listener, hub)).detach();
+        }));
+
+        let mut executors = Vec::with_capacity(prepared.len());
+        for shard in prepared {
+            executors.push(shard::start(shard, &config, to_accept.clone(), accept.take())?);
+        }
+        let udp_addrs = handles.iter().map(|h| h.udp_addr).collect();
+        info!(%http_addr, ?udp_addrs, candidates = ?config.candidate_ips(), "corelay started");
+        Ok(Self {
+            http_addr,
+            udp_addrs,
+            executors,
+        })
+    }
+
+    /// Blocks until every shard has stopped.
+    pub fn wait(self) {
+        for executor in self.executors {
+            let _ = executor.join();
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The packet path, socket to socket:
+//!
+//! 1. `handle_datagrams`: each datagram of a receive batch is routed in O(1)
+//!    (`media::router`) to its `Rtc`, which decrypts it; the `Rtc` is drained and
+//!    any RTP packets it produced queue up in `forward_queue`.
+//! 2. `forward_all`: each queued packet fans out to the track's subscribers. Per
+//!    subscriber, `media::forward::Rewriter` maps the payload type and rebases the
+//!    sequence number, and the payload (an `Arc<[u8]>`) is shared, not copied.
+//! 3. `Sfu::finish_round` ticks and drains every touched `Rtc` once per batch; str0m
+//!    encrypts, and the runtime sends `transmits` with one `sendmmsg`.
+//!
+//! Keyframe requests (PLI) travel the other way, throttled per published track.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use str0m::media::{KeyframeRequestKind, MediaKind};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpWrite};
+use str0m::Input;
+use tracing::debug;
+
+use super::room::{Side, TrackKey};
+use super::Sfu;
+use crate::config::KEYFRAME_REQUEST_INTERVAL;
+use crate::media::forward::is_keyframe_start;
+use crate::media::rtc::codec_of;
+use crate::shard::messages::ConnId;
+
+impl Sfu {
+    /// Step 1: one receive batch.
+    pub fn handle_datagrams<'a>(
+        &mut self,
+        now: Instant,
+        batch: impl Iterator<Item = (SocketAddr, &'a [u8])>,
+    ) {
+        for (source, data) in batch {
+            self.counters.udp_rx_packets += 1;
+            let Some(key) = self.router.route(source, data) else {
+                self.counters.unrouted_packets += 1;
+                continue;
+            };
+            let Some(destination) = self.destination_for(source) else {
+                continue;
+            };
+            let Ok(receive) = Receive::new(Protocol::Udp, source, destination, data) else {
+                continue;
+            };
+            let Some(p) = self.peers.get_mut(&key.0) else {
+                continue;
+            };
+            if let Err(e) = p.leg_mut(key.1).rtc.handle_input(Input::Receive(now, receive)) {
+                debug!(conn = key.0, error = %e, "rtc refused a datagram");
+                continue;
+            }
+            self.drain(key);
+            self.touch(key);
+        }
+        self.finish_round(now);
+    }
+
+    fn destination_for(&self, source: SocketAddr) -> Option<SocketAddr> {
+        self.local_addrs
+            .iter()
+            .find(|a| a.is_ipv4() == source.is_ipv4())
+            .copied()
+    }
+
+    /// Step 2: fan out everything the publishers produced in this round.
+    pub(super) fn forward_all(&mut self, now: Instant) {
+        let mut queue = std::mem::take(&mut self.forward_queue);
+        for (publisher, packet) in queue.drain(..) {
+            self.forward(now, publisher, &packet);
+        }
+        // Keep the allocation: the queue is reused every batch.
+        self.forward_queue = queue;
+    }
+
+    fn forward(&mut self, now: Instant, publisher: ConnId, packet: &str0m::rtp::RtpPacket) {
+        let Some(p) = self.peers.get_mut(&publisher) else {
+            return;
+        };
+        let pt = *packet.header.payload_type;
+        let Some(mid) = p
+            .publisher
+            .rtc
+            .direct_api()
+            .stream_rx(&packet.header.ssrc)
+            .map(|s| s.mid())
+        else {
+            return;
+        };
+        let Some(track) = p.tracks.get_mut(&mid) else {
+            return;
+        };
+        let codec = match track.last_codec {
+            Some((last_pt, codec)) if last_pt == pt => codec,
+            _ => {
+                let Some(codec) = codec_of(&p.publisher.rtc, pt.into()) else {
+                    return;
+                };
+                track.last_codec = Some((pt, codec));
+                codec
+            }
+        };
+        let keyframe =
+            track.kind == MediaKind::Video && is_keyframe_start(codec, &packet.payload);
+        // The fan-out list is borrowed out of the track while subscribers are written.
+        let fanout = std::mem::take(&mut track.fanout);
+        let track_key: TrackKey = (publisher, mid);
+        let ext_vals = ExtensionValues {
+            audio_level: packet.header.ext_vals.audio_level,
+            voice_activity: packet.header.ext_vals.voice_activity,
+            video_orientation: packet.header.ext_vals.video_orientation,
+            ..Default::default()
+        };
+        let mut wants_keyframe = false;
+        for &conn in &fanout {
+            let Some(s) = self.peers.get_mut(&conn) else {
+                continue;
+            };
+            let Some(sub) = s.subscriptions.get_mut(&track_key) else {
+                continue;
+            };
+            let Some(out) = sub.rewriter.rewrite(pt, *packet.seq_no, keyframe) else {
+                wants_keyframe |= sub.rewriter.waiting_for_keyframe();
+                continue;
+            };
+            let mut api = s.subscriber.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(sub.mid, None) else {
+                continue;
+            };
+            tx.write_rtp(
+                RtpWrite::new(
+                    out.pt.into(),
+                    out.seq.into(),
+                    packet.header.timestamp,
+                    packet.timestamp,
+                    packet.payload.clone(),
+                )
+                .marker(packet.header.marker)
+                .ext_vals(ext_vals.clone())
+                .nackable(true),
+            );
+            self.counters.forwarded_packets += 1;
+            self.counters.forwarded_bytes += packet.payload.len() as u64;
+            self.touch((conn, Side::Subscriber));
+        }
+        if let Some(track) = self
+            .peers
+            .get_mut(&publisher)
+            .and_then(|p| p.tracks.get_mut(&mid))
+        {
+            track.fanout = fanout;
+        }
+        if wants_keyframe {
+            self.request_keyframe(now, track_key);
+        }
+    }
+
+    /// Asks a publisher for a keyframe, at most once per `KEYFRAME_REQUEST_INTERVAL`.
+    pub(super) fn request_keyframe(&mut self, now: Instant, (publisher, mid): TrackKey) {
+        let Some(p) = self.peers.get_mut(&publisher) else {
+            return;
+        };
+        let Some(track) = p.tracks.get_mut(&mid) else {
+            return;
+        };
+        if track.kind != MediaKind::Video
+            || track
+                .last_keyframe_request
+                .is_some_and(|at| now.saturating_duration_since(at) < KEYFRAME_REQUEST_INTERVAL)
+        {
+            return;
+        }
+        let mut api = p.publisher.rtc.direct_api();
+        let Some(rx) = api.stream_rx_by_mid(mid, None) else {
+            return; // nothing received yet; the first keyframe comes by itself
+        };
+        rx.request_keyframe(KeyframeRequestKind::Pli);
+        track.last_keyframe_request = Some(now);
+        self.counters.keyframe_requests += 1;
+        self.touch((publisher, Side::Publisher));
+    }
+
+    /// A subscriber (re)connected: every video track it receives needs a keyframe.
+    pub(super) fn request_keyframes_for(&mut self, now: Instant, subscriber: ConnId) {
+        let Some(p) = self.peers.get(&subscriber) else {
+            return;
+        };
+        let tracks: Vec<TrackKey> = p.subscriptions.keys().copied().collect();
+        for track in tracks {
+            self.request_keyframe(now, track);
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! One shard's SFU, sans IO: datagrams, signaling messages and instants go in;
+//! datagrams, signaling replies and the next deadline come out. The shard runtime
+//! (`crate::shard`) owns the socket and the clock and calls the three entry points:
+//!
+//! - [`Sfu::handle_datagrams`]: a receive batch (the packet path, `media.rs`),
+//! - [`Sfu::handle_message`]: signaling handed over from the accept shard (`signaling.rs`),
+//! - [`Sfu::handle_timeout`]: str0m timers that came due.
+//!
+//! After each, the runtime sends [`Sfu::transmits`], forwards [`Sfu::to_accept`] and
+//! sleeps until [`Sfu::next_deadline`]. Rooms, participants and every str0m `Rtc`
+//! live here and nowhere else; nothing is shared with other cores.
+
+mod media;
+pub mod room;
+mod signaling;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use hashbrown::HashMap;
+use str0m::rtp::RtpPacket;
+use str0m::{Event, Input, Output};
+use tracing::debug;
+
+use crate::config::{Config, IceServer};
+use crate::media::router::Router;
+use crate::media::rtc::RtcFactory;
+use crate::media::udp::SendQueue;
+use crate::metrics::Counters;
+use crate::shard::messages::{ConnId, ToAccept};
+use room::{LegKey, Participant, Room, Side};
+
+/// Limits that keep one shard's memory bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub room_participants: usize,
+    pub rooms: usize,
+    /// Published tracks per participant (mic, camera, screen and its audio).
+    pub tracks: usize,
+}
+
+impl Limits {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            room_participants: config.max_room_participants,
+            rooms: config.max_rooms_per_shard,
+            tracks: 4,
+        }
+    }
+}
+
+pub struct Sfu {
+    shard: usize,
+    factory: RtcFactory,
+    /// This shard's candidate addresses; the first of a datagram's family is the
+    /// destination str0m sees (it matches datagrams to local candidates).
+    local_addrs: Vec<SocketAddr>,
+    limits: Limits,
+    ice_servers: Vec<IceServer>,
+    rooms: HashMap<String, Room>,
+    peers: HashMap<ConnId, Participant>,
+    router: Router<LegKey>,
+    /// str0m deadlines; an entry is stale when its leg's deadline has moved.
+    timers: BinaryHeap<Reverse<(Instant, LegKey)>>,
+    /// RTP packets a publisher produced, waiting to fan out (reused, never shrunk).
+    forward_queue: Vec<(ConnId, RtpPacket)>,
+    /// Non-media events, handled after the packet path.
+    events: Vec<(LegKey, Event)>,
+    /// Legs written to in this round; each is ticked and drained once.
+    touched: Vec<LegKey>,
+    /// Participants whose `Rtc` failed; removed at the end of the round.
+    doomed: Vec<(ConnId, &'static str)>,
+    /// Datagrams to send; the runtime flushes them.
+    pub transmits: SendQueue,
+    /// Signaling to hand back to the accept shard.
+    pub to_accept: Vec<ToAccept>,
+    pub counters: Counters,
+}
+
+impl Sfu {
+    pub fn new(
+        shard: usize,
+        local_addrs: Vec<SocketAddr>,
+        limits: Limits,
+        ice_servers: Vec<IceServer>,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            shard,
+            factory: RtcFactory::new(&local_addrs)?,
+            local_addrs,
+            limits,
+            ice_servers,
+            rooms: HashMap::new(),
+            peers: HashMap::new(),
+            router: Router::default(),
+            timers: BinaryHeap::new(),
+            forward_queue: Vec::with_capacity(256),
+            events: Vec::new(),
+            touched: Vec::with_capacity(256),
+            doomed: Vec::new(),
+            transmits: SendQueue::default(),
+            to_accept: Vec::new(),
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// Drives every leg whose deadline has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(p) = self.peers.get_mut(&key.0) else {
+                continue;
+            };
+            let leg = p.leg_mut(key.1);
+            if leg.deadline != at {
+                continue; // stale entry
+            }
+            if let Err(e) = leg.rtc.handle_input(Input::Timeout(now)) {
+                debug!(conn = key.0, error = %e, "rtc failed on timeout");
+                self.doomed.push((key.0, "rtc error"));
+                continue;
+            }
+            self.drain(key);
+        }
+        self.finish_round(now);
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Empties one leg's str0m outputs, as str0m requires after every input.
+    /// Media events queue for fan-out; other events queue for `finish_round`.
+    fn drain(&mut self, key: LegKey) {
+        let Some(p) = self.peers.get_mut(&key.0) else {
+            return;
+        };
+        let leg = p.leg_mut(key.1);
+        loop {
+            match leg.rtc.poll_output() {
+                Ok(Output::Transmit(t)) => self.transmits.push(t),
+                Ok(Output::Timeout(at)) => {
+                    if at != leg.deadline {
+                        leg.deadline = at;
+                        self.timers.push(Reverse((at, key)));
+                    }
+                    break;
+                }
+                Ok(Output::Event(Event::RtpPacket(packet))) => {
+                    self.forward_queue.push((key.0, packet));
+                }
+                Ok(Output::Event(event)) => self.events.push((key, event)),
+                Err(e) => {
+                    debug!(conn = key.0, error = %e, "rtc failed");
+                    self.doomed.push((key.0, "rtc error"));
+                    break;
+                }
+            }
+        }
+    }
+
+    fn touch(&mut self, key: LegKey) {
+        let Some(p) = self.peers.get_mut(&key.0) else {
+            return;
+        };
+        let leg = p.leg_mut(key.1);
+        if !leg.touched {
+            leg.touched = true;
+            self.touched.push(key);
+        }
+    }
+
+    /// Completes a round of input: fans out queued media, ticks and drains every leg
+    /// touched once, handles the remaining events, and removes failed participants.
+    fn finish_round(&mut self, now: Instant) {
+        loop {
+            self.forward_all(now);
+            let mut touched = std::mem::take(&mut self.touched);
+            for key in touched.drain(..) {
+                if let Some(p) = self.peers.get_mut(&key.0) {
+                    let leg = p.leg_mut(key.1);
+                    leg.touched = false;
+                    if leg.rtc.handle_input(Input::Timeout(now)).is_err() {
+                        self.doomed.push((key.0, "rtc error"));
+                        continue;
+                    }
+                }
+                self.drain(key);
+            }
+            // Keep the allocation for the next round.
+            if self.touched.is_empty() {
+                self.touched = touched;
+            }
+            let events = std::mem::take(&mut self.events);
+            for (key, event) in events {
+                self.handle_event(now, key, event);
+            }
+            for (conn, why) in std::mem::take(&mut self.doomed) {
+                self.counters.forced_disconnect += 1;
+                self.remove_participant(now, conn, why);
+                self.to_accept.push(ToAccept::Close {
+                    conn,
+                    code: 1011,
+                    reason: "media connection failed",
+                });
+            }
+            if self.forward_queue.is_empty() && self.touched.is_empty() && self.events.is_empty()
+            {
+                break;
+            }
+        }
+        self.counters.active_rooms = self.rooms.len() as u64;
+        self.counters.active_participants = self.peers.len() as u64;
+    }
+
+    fn handle_event(&mut self, now: Instant, key: LegKey, event: Event) {
+        match (key.1, event) {
+            (side, Event::Connected) => {
+                if let Some(p) = self.peers.get_mut(&key.0) {
+                    p.leg_mut(side).connected = true;
+                }
+                if side == Side::Subscriber {
+                    self.request_keyframes_for(now, key.0);
+                }
+            }
+            (_, Event::IceConnectionStateChange(state)) => {
+                if state == str0m::IceConnectionState::Disconnected {
+                    self.doomed.push((key.0, "ice disconnected"));
+                }
+            }
+            (Side::Publisher, Event::MediaAdded(added)) => {
+                self.track_added(key.0, added.mid, added.kind);
+            }
+            (Side::Publisher, Event::MediaChanged(changed)) => {
+                if !changed.direction.is_receiving() {
+                    self.track_removed(now, (key.0, changed.mid));
+                }
+            }
+            (Side::Subscriber, Event::KeyframeRequest(req)) => {
+                let track = self
+                    .peers
+                    .get(&key.0)
+                    .and_then(|p| p.subscribed_mids.get(&req.mid).copied());
+                if let Some(track) = track {
+                    self.request_keyframe(now, track);
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Room state: who is in a room, what each participant publishes, and what each one
+//! receives. Plain data; the behaviour lives in `signaling.rs` and `media.rs`.
+
+use std::time::Instant;
+
+use hashbrown::HashMap;
+use str0m::format::Codec;
+use str0m::media::{MediaKind, Mid};
+use str0m::Rtc;
+use str0m::change::SdpPendingOffer;
+
+use crate::media::forward::Rewriter;
+use crate::shard::messages::ConnId;
+use crate::signaling::protocol::MediaState;
+
+/// A published track, identified room-wide by its publisher and its publisher-side mid.
+pub type TrackKey = (ConnId, Mid);
+
+pub struct Room {
+    pub session_id: String,
+    /// Join order, so `peer_joined` replays arrive in the order people came.
+    pub members: Vec<ConnId>,
+}
+
+/// One side of a participant: its own str0m `Rtc`, ICE credentials and timer.
+pub struct Leg {
+    pub rtc: Rtc,
+    pub ufrag: String,
+    /// When str0m next wants `Input::Timeout`.
+    pub deadline: Instant,
+    pub connected: bool,
+    /// Already queued for this round's tick (see `Sfu::touch`).
+    pub touched: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Mic,
+    Camera,
+    Screen,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Mic => "mic",
+            Source::Camera => "camera",
+            Source::Screen => "screen",
+        }
+    }
+}
+
+pub fn kind_str(kind: MediaKind) -> &'static str {
+    match kind {
+        MediaKind::Audio => "audio",
+        MediaKind::Video => "video",
+    }
+}
+
+pub struct PublishedTrack {
+    pub track_id: String,
+    pub kind: MediaKind,
+    pub source: Source,
+    /// Subscribers with an answered offer for this track: the fan-out list.
+    pub fanout: Vec<ConnId>,
+    /// The last payload type seen and its codec: saves a codec lookup per packet.
+    pub last_codec: Option<(u8, Codec)>,
+    /// Throttles keyframe requests sent to the publisher on subscribers' behalf.
+    pub last_keyframe_request: Option<Instant>,
+}
+
+/// What one participant receives of one published track.
+pub struct Subscription {
+    pub mid: Mid,
+    pub rewriter: Rewriter,
+}
+
+/// The subscriber connection's offer/answer state: one offer outstanding at a time.
+#[derive(Default)]
+pub struct Negotiation {
+    pub pending: Option<PendingOffer>,
+    /// Tracks came or went since the outstanding offer: offer again after its answer.
+    pub dirty: bool,
+    /// Subscriber mids whose track went away, to be set inactive in the next offer.
+    pub retired: Vec<Mid>,
+}
+
+pub struct PendingOffer {
+    pub offer: SdpPendingOffer,
+    pub added: Vec<(TrackKey, Mid)>,
+}
+
+pub struct Participant {
+    pub conn: ConnId,
+    pub peer_id: String,
+    pub user_id: String,
+    pub session_id: String,
+    pub state: MediaState,
+    pub publisher: Leg,
+    pub subscriber: Leg,
+    pub tracks: HashMap<Mid, PublishedTrack>,
+    pub subscriptions: HashMap<TrackKey, Subscription>,
+    /// Subscriber-side mid → the track it carries, for keyframe requests.
+    pub subscribed_mids: HashMap<Mid, TrackKey>,
+    pub negotiation: Negotiation,
+}
+
+impl Participant {
+    pub fn leg_mut(&mut self, side: Side) -> &mut Leg {
+        match side {
+            Side::Publisher => &mut self.publisher,
+            Side::Subscriber => &mut self.subscriber,
+        }
+    }
+}
+
+/// Which of a participant's two connections a datagram or timer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Side {
+    Publisher,
+    Subscriber,
+}
+
+/// The router's key: a participant and one of its two connections.
+pub type LegKey = (ConnId, Side);

@@ -1,0 +1,122 @@
+//! A bounded crossbeam channel with a doorbell: the only way anything crosses shards.
+//!
+//! The receiving executor must not busy-poll, so the sender rings an `AtomicWaker`
+//! after each push and the receiver parks on it when the channel is empty. The channel
+//! is bounded: a full mailbox is reported to the sender, who refuses the client's
+//! message rather than letting memory grow.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use futures::task::AtomicWaker;
+
+pub struct MailboxSender<T> {
+    tx: Sender<T>,
+    bell: Arc<AtomicWaker>,
+}
+
+impl<T> Clone for MailboxSender<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            bell: self.bell.clone(),
+        }
+    }
+}
+
+pub struct Mailbox<T> {
+    rx: Receiver<T>,
+    bell: Arc<AtomicWaker>,
+}
+
+pub fn mailbox<T>(capacity: usize) -> (MailboxSender<T>, Mailbox<T>) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let bell = Arc::new(AtomicWaker::new());
+    (
+        MailboxSender {
+            tx,
+            bell: bell.clone(),
+        },
+        Mailbox { rx, bell },
+    )
+}
+
+impl<T> MailboxSender<T> {
+    /// Never blocks. `Err` gives the message back when the mailbox is full or gone.
+    pub fn try_send(&self, msg: T) -> Result<(), T> {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.bell.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => Err(msg),
+        }
+    }
+}
+
+impl<T> Mailbox<T> {
+    /// Waits for at least one message, then moves up to `max` into `batch`, so one
+    /// noisy sender cannot starve the rest of the executor. `false` once every sender
+    /// is gone.
+    pub async fn recv_batch(&self, batch: &mut Vec<T>, max: usize) -> bool {
+        poll_fn(|cx| {
+            loop {
+                match self.rx.try_recv() {
+                    Ok(msg) => {
+                        batch.push(msg);
+                        if batch.len() >= max {
+                            return Poll::Ready(true);
+                        }
+                    }
+                    Err(TryRecvError::Disconnected) => return Poll::Ready(!batch.is_empty()),
+                    Err(TryRecvError::Empty) if !batch.is_empty() => return Poll::Ready(true),
+                    Err(TryRecvError::Empty) => {
+                        self.bell.register(cx.waker());
+                        // A message may have landed between the check and the register.
+                        if self.rx.is_empty() {
+                            return Poll::Pending;
+                        }
+                    }
+                }
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_mailbox_hands_the_message_back() {
+        let (tx, _rx) = mailbox::<u32>(1);
+        assert!(tx.try_send(1).is_ok());
+        assert_eq!(tx.try_send(2), Err(2));
+    }
+
+    #[test]
+    fn receiver_wakes_from_another_thread() {
+        let (tx, rx) = mailbox::<u32>(8);
+        let sender = std::thread::spawn(move || {
+            for i in 0..5 {
+                while tx.try_send(i).is_err() {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let got = futures::executor::block_on(async {
+            let mut all = Vec::new();
+            let mut batch = Vec::new();
+            while rx.recv_batch(&mut batch, 2).await {
+                assert!(batch.len() <= 2);
+                all.append(&mut batch);
+            }
+            all
+        });
+        sender.join().unwrap();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    }
+}

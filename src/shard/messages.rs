@@ -1,0 +1,64 @@
+//! Everything that crosses shards, one enum per direction. Media never appears here:
+//! only signaling hand-off and admin snapshots.
+
+use futures::channel::oneshot;
+use serde::Serialize;
+
+use crate::signaling::protocol::{Join, Signal};
+
+/// Identifies one WebSocket connection server-wide (assigned by the accept shard).
+pub type ConnId = u64;
+
+/// Accept shard → room shard.
+#[derive(Debug)]
+pub enum ToShard {
+    Join {
+        conn: ConnId,
+        request_id: Option<String>,
+        join: Join,
+    },
+    Signal {
+        conn: ConnId,
+        request_id: Option<String>,
+        signal: Signal,
+    },
+    /// The socket closed without `leave`.
+    Disconnect { conn: ConnId },
+    /// `/debug/rooms` asks each shard for its rooms.
+    Snapshot { reply: oneshot::Sender<Vec<RoomSnapshot>> },
+}
+
+/// Room shard → accept shard. Text is already serialized JSON, made on the room shard.
+#[derive(Debug)]
+pub enum ToAccept {
+    Send { conn: ConnId, text: String },
+    /// The join was refused; `text` is the `error`. The socket may join again.
+    JoinRefused { conn: ConnId, text: String },
+    Close { conn: ConnId, code: u16, reason: &'static str },
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomSnapshot {
+    pub session_id: String,
+    pub shard: usize,
+    pub participants: Vec<ParticipantSnapshot>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParticipantSnapshot {
+    pub peer_id: String,
+    pub user_id: String,
+    pub tracks: Vec<TrackSnapshot>,
+    pub publisher_connected: bool,
+    pub subscriber_connected: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackSnapshot {
+    pub track_id: String,
+    pub kind: &'static str,
+    pub source: &'static str,
+}

@@ -1,0 +1,242 @@
+//! One WebSocket connection on the accept shard: read, validate, rate-limit, and either
+//! answer locally or hand the message to the room's shard; write whatever the shard
+//! sends back. When the socket ends without `leave`, the shard is told so the
+//! participant leaves the room at once.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::CloseFrame;
+use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::WebSocketStream;
+use futures::{stream, StreamExt};
+use glommio::net::TcpStream;
+use tracing::{debug, info_span, Instrument};
+
+use super::protocol::{self, ClientMsg, ErrorCode, Refusal, ServerMsg};
+use super::{Hub, Outbound};
+use crate::shard::messages::{ConnId, ToShard};
+use crate::shard::shard_for;
+
+enum Event {
+    Client(Result<Message, WsError>),
+    Shard(Outbound),
+    /// The hub dropped our queue: we did not keep up with our replies.
+    Overflow,
+}
+
+/// Token bucket: `rate` messages per second, bursts up to twice that.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            rate,
+            tokens: rate * 2.0,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * 2.0);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Where this socket's room lives once it has sent `join`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Joined {
+    No,
+    Shard(usize),
+}
+
+pub async fn run(ws: WebSocketStream<TcpStream>, hub: Rc<Hub>, room_hint: Option<String>) {
+    let (conn, replies) = hub.register();
+    let span = info_span!("session", conn, room = room_hint.as_deref().unwrap_or(""));
+    Session {
+        hub: hub.clone(),
+        conn,
+        room_hint,
+        joined: Joined::No,
+        limit: RateLimit::new(hub.config.message_rate),
+    }
+    .serve(ws, replies)
+    .instrument(span)
+    .await;
+    hub.unregister(conn);
+}
+
+struct Session {
+    hub: Rc<Hub>,
+    conn: ConnId,
+    room_hint: Option<String>,
+    joined: Joined,
+    limit: RateLimit,
+}
+
+impl Session {
+    async fn serve(
+        mut self,
+        ws: WebSocketStream<TcpStream>,
+        replies: futures::channel::mpsc::Receiver<Outbound>,
+    ) {
+        let (mut sink, client) = ws.split();
+        let shard_events = replies
+            .map(Event::Shard)
+            .chain(stream::once(futures::future::ready(Event::Overflow)));
+        let mut events = stream::select(client.map(Event::Client), shard_events);
+        let mut closed_by_server = false;
+        while let Some(event) = events.next().await {
+            let reply = match event {
+                Event::Client(Ok(Message::Text(text))) => self.on_text(text.as_str()),
+                Event::Client(Ok(Message::Binary(_))) => {
+                    let _ = sink.close(Some(close(CloseCode::Unsupported, "binary frames are not accepted"))).await;
+                    break;
+                }
+                Event::Client(Ok(Message::Close(_))) => break,
+                Event::Client(Ok(_)) => None, // ping/pong: tungstenite answers pings
+                Event::Client(Err(WsError::Capacity(e))) => {
+                    debug!(error = %e, "message too large");
+                    let _ = sink.close(Some(close(CloseCode::Size, "message too large"))).await;
+                    break;
+                }
+                Event::Client(Err(e)) => {
+                    debug!(error = %e, "websocket error");
+                    break;
+                }
+                Event::Shard(Outbound::Text(text)) => Some(text),
+                Event::Shard(Outbound::JoinRefused(text)) => {
+                    self.joined = Joined::No;
+                    Some(text)
+                }
+                Event::Shard(Outbound::Close(code, reason)) => {
+                    closed_by_server = true;
+                    let _ = sink.close(Some(close(CloseCode::from(code), reason))).await;
+                    break;
+                }
+                Event::Overflow => {
+                    let _ = sink.close(Some(close(CloseCode::Policy, "not reading fast enough"))).await;
+                    break;
+                }
+            };
+            if let Some(text) = reply {
+                if sink.send(Message::text(text)).await.is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = sink.close(None).await;
+        if let (Joined::Shard(shard), false) = (self.joined, closed_by_server) {
+            if let Some(handle) = self.hub.shards.get(shard) {
+                // If the mailbox is full the participant still goes, by ICE timeout.
+                let _ = handle.mailbox.try_send(ToShard::Disconnect { conn: self.conn });
+            }
+        }
+    }
+
+    /// Handles one client message; returns the local reply, if any.
+    fn on_text(&mut self, text: &str) -> Option<String> {
+        let refuse = |refusal: Refusal, request_id: Option<&str>| {
+            self.hub
+                .metrics
+                .signaling_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(protocol::error_text(&refusal, request_id))
+        };
+        let request = match protocol::parse(text) {
+            Ok(request) => request,
+            Err((request_id, refusal)) => return refuse(refusal, request_id.as_deref()),
+        };
+        let request_id = request.request_id;
+        if !self.limit.allow(Instant::now()) {
+            return refuse(
+                Refusal::new(ErrorCode::RateLimited, "too many messages; slow down"),
+                request_id.as_deref(),
+            );
+        }
+        let (shard, msg) = match request.msg {
+            ClientMsg::Ping => {
+                return Some(
+                    ServerMsg::Pong {
+                        request_id: request_id.as_deref(),
+                    }
+                    .to_text(),
+                );
+            }
+            ClientMsg::Join(join) => {
+                if self.joined != Joined::No {
+                    return refuse(
+                        Refusal::new(ErrorCode::AlreadyJoined, "one join per socket"),
+                        request_id.as_deref(),
+                    );
+                }
+                if self.room_hint.as_ref().is_some_and(|room| *room != join.session_id) {
+                    return refuse(
+                        Refusal::new(
+                            ErrorCode::RoomMismatch,
+                            "sessionId differs from the room in the URL",
+                        ),
+                        request_id.as_deref(),
+                    );
+                }
+                let shard = shard_for(&join.session_id, self.hub.shards.len());
+                let msg = ToShard::Join {
+                    conn: self.conn,
+                    request_id: request_id.clone(),
+                    join,
+                };
+                (shard, msg)
+            }
+            ClientMsg::Signal(signal) => {
+                let Joined::Shard(shard) = self.joined else {
+                    return refuse(
+                        Refusal::new(ErrorCode::NotJoined, "send join first"),
+                        request_id.as_deref(),
+                    );
+                };
+                let msg = ToShard::Signal {
+                    conn: self.conn,
+                    request_id: request_id.clone(),
+                    signal,
+                };
+                (shard, msg)
+            }
+        };
+        let is_join = matches!(msg, ToShard::Join { .. });
+        let handed = self
+            .hub
+            .shards
+            .get(shard)
+            .is_some_and(|h| h.mailbox.try_send(msg).is_ok());
+        if !handed {
+            return refuse(
+                Refusal::new(ErrorCode::RateLimited, "server busy; retry shortly"),
+                request_id.as_deref(),
+            );
+        }
+        if is_join {
+            self.joined = Joined::Shard(shard);
+        }
+        None
+    }
+}
+
+fn close(code: CloseCode, reason: &'static str) -> CloseFrame {
+    CloseFrame {
+        code,
+        reason: reason.into(),
+    }
+}

@@ -1,0 +1,231 @@
+// End-to-end test of the demo page in headless Chromium against a real corelay binary.
+//
+// It starts the release server on ephemeral ports, opens http://127.0.0.1:<port>/?room=e2e
+// in two tabs of one browser (fake camera and microphone), and waits until each tab
+// decodes the other's video and receives its audio, as seen by getStats() on the
+// page's subscriber connection (window.corelay.sub). Then it checks that muting shows
+// on the other side and that closing a tab removes its tile.
+//
+// Run: cargo build --release && (cd tests/browser && npm ci && npm test)
+// Env: CORELAY_BIN (default <repo>/target/release/corelay), CHROMIUM_PATH
+// (default /usr/bin/chromium). With CI set, a missing browser or binary fails the test
+// instead of skipping it.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { createInterface } from 'node:readline';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const serverBin = process.env.CORELAY_BIN || path.join(repo, 'target', 'release', 'corelay');
+const chromiumPath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const inCi = !!process.env.CI;
+
+const MEDIA_DEADLINE_MS = 30_000;
+const POLL_MS = 250;
+const MIN_FRAMES = 10;
+
+const CHROMIUM_ARGS = [
+  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
+  '--allow-loopback-in-peer-connection',
+  // Real host addresses in candidates instead of .local names nobody resolves here.
+  '--disable-features=WebRtcHideLocalIpsWithMdns',
+];
+
+/** Why the test cannot run here, or null. Missing prerequisites skip locally, fail in CI. */
+function missingPrerequisite() {
+  if (!existsSync(chromiumPath)) {
+    return `no Chromium at ${chromiumPath} (apt-get install -y chromium, or set CHROMIUM_PATH)`;
+  }
+  if (!existsSync(serverBin)) {
+    return `no server binary at ${serverBin} (cargo build --release, or set CORELAY_BIN)`;
+  }
+  return null;
+}
+
+/** Keeps the last `max` lines of a stream. */
+function tail(max) {
+  const lines = [];
+  return {
+    push(line) { lines.push(line); if (lines.length > max) lines.shift(); },
+    text() { return lines.join('\n'); },
+  };
+}
+
+/**
+ * Starts the server and resolves with { port, proc, stdout, stderr } once it prints its
+ * `listening http://<ip>:<port>` line.
+ */
+async function startServer() {
+  const args = ['--port', '0', '--udp-port-base', '0', '--shards', '2', '--public-ip', '127.0.0.1'];
+  const proc = spawn(serverBin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const stdout = tail(50);
+  const stderr = tail(200);
+  createInterface({ input: proc.stderr }).on('line', (l) => stderr.push(l));
+  const port = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('server printed no "listening" line in 20 s')), 20_000);
+    const fail = (why) => { clearTimeout(timer); reject(new Error(`${why}\nserver stderr:\n${stderr.text()}`)); };
+    proc.once('error', (e) => fail(`cannot start ${serverBin}: ${e.message}`));
+    proc.once('exit', (code, sig) => fail(`server exited early (code ${code}, signal ${sig})`));
+    createInterface({ input: proc.stdout }).on('line', (line) => {
+      stdout.push(line);
+      const m = /^listening http:\/\/(\S+):(\d+)$/.exec(line.trim());
+      if (m) { clearTimeout(timer); resolve(Number(m[2])); }
+    });
+  });
+  proc.removeAllListeners('exit');
+  const server = { port, proc, stdout, stderr, exited: null };
+  proc.once('exit', (code, sig) => { server.exited = `code ${code}, signal ${sig}`; });
+  return server;
+}
+
+async function stopServer(server) {
+  const { proc } = server;
+  if (proc.exitCode !== null || proc.signalCode !== null) return;
+  const exited = new Promise((resolve) => proc.once('exit', resolve));
+  proc.kill('SIGTERM');
+  const timer = setTimeout(() => proc.kill('SIGKILL'), 5_000);
+  await exited;
+  clearTimeout(timer);
+}
+
+/** Inbound media of the page's subscriber connection, summed per kind. */
+function subscriberStats(page) {
+  return page.evaluate(async () => {
+    const c = window.corelay;
+    if (!c || !c.sub) return null;
+    const out = {
+      video: { framesDecoded: 0, packetsReceived: 0, bytesReceived: 0 },
+      audio: { packetsReceived: 0, bytesReceived: 0 },
+      connectionState: c.sub.connectionState,
+      publisherState: c.pub && c.pub.connectionState,
+    };
+    (await c.sub.getStats()).forEach((s) => {
+      if (s.type !== 'inbound-rtp' || !out[s.kind]) return;
+      for (const k of Object.keys(out[s.kind])) out[s.kind][k] += s[k] || 0;
+    });
+    return out;
+  });
+}
+
+/** Runs one step of the scenario; a failure names the step. */
+async function step(name, fn) {
+  const started = Date.now();
+  try {
+    await fn();
+  } catch (err) {
+    err.message = `step "${name}": ${err.message}`;
+    throw err;
+  }
+  console.log(`ok: ${name} (${Date.now() - started} ms)`);
+}
+
+/** Polls `check` every POLL_MS until it returns a truthy value or the deadline passes. */
+async function waitFor(what, check, deadlineMs = MEDIA_DEADLINE_MS) {
+  const end = Date.now() + deadlineMs;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > end) throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, POLL_MS));
+  }
+}
+
+test('two tabs see and hear each other through corelay', async (t) => {
+  const missing = missingPrerequisite();
+  if (missing) {
+    if (inCi) assert.fail(missing);
+    t.skip(missing);
+    return;
+  }
+
+  const server = await startServer();
+  let browser;
+  const tabs = [];
+  // Everything a person would need to see why it failed.
+  const report = async (err) => {
+    const parts = [`FAILED: ${err.message}`];
+    for (const tab of tabs) {
+      let status = '(page closed)';
+      let stats = null;
+      if (!tab.page.isClosed()) {
+        status = await tab.page.evaluate(() => window.corelay?.status).catch((e) => `(${e.message})`);
+        stats = await subscriberStats(tab.page).catch(() => null);
+      }
+      parts.push(`--- tab ${tab.name}: status: ${status}`,
+        `stats: ${JSON.stringify(stats)}`, 'console:', tab.console.text());
+    }
+    if (server.exited) parts.push(`--- the server exited during the test (${server.exited})`);
+    parts.push('--- server stdout (tail):', server.stdout.text(),
+      '--- server stderr (tail):', server.stderr.text());
+    console.error(parts.join('\n'));
+  };
+
+  try {
+    browser = await chromium.launch({ executablePath: chromiumPath, headless: true, args: CHROMIUM_ARGS });
+    const context = await browser.newContext();
+    const base = `http://127.0.0.1:${server.port}/?room=e2e`;
+    for (const name of ['alice', 'bob']) {
+      const page = await context.newPage();
+      const consoleTail = tail(150);
+      page.on('console', (m) => consoleTail.push(`[${m.type()}] ${m.text()}`));
+      page.on('pageerror', (e) => consoleTail.push(`[pageerror] ${e.message}`));
+      tabs.push({ name, page, console: consoleTail });
+      await page.goto(`${base}&user=${name}`);
+    }
+
+    await step('each tab decodes video and receives audio from the other', async () => {
+      for (const tab of tabs) {
+        tab.stats = await waitFor(`media in tab ${tab.name}`, async () => {
+          const s = await subscriberStats(tab.page);
+          const ok = s && s.video.framesDecoded > MIN_FRAMES &&
+            s.audio.packetsReceived > 0 && s.audio.bytesReceived > 0;
+          return ok && s;
+        });
+      }
+    });
+
+    await step('each tab shows one tile, named after the other peer', async () => {
+      const ids = await Promise.all(tabs.map((tab) => tab.page.evaluate(() => window.corelay.peerId)));
+      assert.ok(ids[0] && ids[1] && ids[0] !== ids[1], `distinct peer ids: ${ids}`);
+      for (const [i, tab] of tabs.entries()) {
+        const other = ids[1 - i];
+        const tiles = await tab.page.evaluate(() =>
+          [...document.querySelectorAll('.tile[data-peer]')].map((el) => ({
+            peer: el.dataset.peer, label: el.querySelector('.label').textContent,
+            videos: el.querySelectorAll('video').length, audios: el.querySelectorAll('audio').length,
+          })));
+        assert.deepEqual(tiles, [{ peer: other, label: tabs[1 - i].name, videos: 1, audios: 1 }]);
+        const status = await tab.page.evaluate(() => window.corelay.status);
+        assert.match(status, /^connected/, `status of tab ${tab.name}`);
+      }
+    });
+
+    await step('muting the microphone shows on the other tab', async () => {
+      const [alice, bob] = tabs;
+      await alice.page.click('#mic');
+      await waitFor('"mic off" in bob\'s tile of alice', () =>
+        bob.page.evaluate(() => document.querySelector('.tile[data-peer] .label').textContent.includes('mic off')),
+        5_000);
+    });
+
+    await step('closing a tab removes its tile in the other', async () => {
+      const [alice, bob] = tabs;
+      await alice.page.close();
+      await waitFor('alice\'s tile to disappear in bob', () =>
+        bob.page.evaluate(() => document.querySelectorAll('.tile[data-peer]').length === 0), 10_000);
+    });
+  } catch (err) {
+    await report(err);
+    throw err;
+  } finally {
+    await browser?.close().catch(() => {});
+    await stopServer(server);
+  }
+});
