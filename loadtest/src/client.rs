@@ -110,7 +110,10 @@ pub enum Error {
     /// The upgrade was refused with this HTTP status (403 origin, 503 full).
     Http(u16),
     /// The server answered the join with `error`.
-    Refused { code: String, message: String },
+    Refused {
+        code: String,
+        message: String,
+    },
     /// The condition did not hold in time; the last snapshot.
     Timeout(Box<ClientStats>),
     /// The session ended (signaling closed) before the condition held.
@@ -239,9 +242,8 @@ impl Client {
             stop,
             threads,
         };
-        let stats = client.wait_for(config.connect_timeout, |s| {
-            s.state != SessionState::Joining
-        })?;
+        let stats =
+            client.wait_for(config.connect_timeout, |s| s.state != SessionState::Joining)?;
         match stats.state {
             SessionState::Joined => {
                 client.peer_id = stats.peer_id.unwrap_or_default();
@@ -384,7 +386,10 @@ impl Shared {
 /// Everything the driver reacts to.
 enum Input {
     Signal(String),
-    SignalingClosed { code: Option<u16>, reason: String },
+    SignalingClosed {
+        code: Option<u16>,
+        reason: String,
+    },
     Violation(String),
     Datagram {
         leg: Leg,
@@ -489,7 +494,8 @@ fn websocket(mut ws: WebSocket<TcpStream>, out: Receiver<WsOut>, tx: SyncSender<
             }
             Ok(Message::Close(frame)) => {
                 close_frame = Some(CloseInfo {
-                    code: frame.as_ref().map(|f| u16::from(f.code)),
+                    // A close frame without a status reads as 1005, as in browsers.
+                    code: Some(frame.as_ref().map_or(1005, |f| u16::from(f.code))),
                     reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
                 });
                 // tungstenite replies; keep reading until the server closes TCP.
@@ -539,7 +545,9 @@ fn udp_reader(socket: UdpSocket, leg: Leg, tx: SyncSender<Input>, stop: Arc<Atom
             Err(e)
                 if matches!(
                     e.kind(),
-                    ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::Interrupted
+                    ErrorKind::ConnectionRefused
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::Interrupted
                 ) => {}
             Err(_) => return,
         }
@@ -650,6 +658,8 @@ fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tungstenite::protocol::CloseFrame;
+    use tungstenite::protocol::frame::coding::CloseCode;
 
     #[test]
     fn urls_encode_the_room() {
@@ -658,6 +668,130 @@ mod tests {
         assert_eq!(c.ws_url, "ws://127.0.0.1:8080/ws?room=a%20b%2F%C3%BC");
         assert_eq!(c.room, "a b/ü");
         assert!(c.publish_audio && c.publish_video);
+    }
+
+    /// A one-connection signaling server running `script` on its own thread.
+    fn fake_server(
+        script: impl FnOnce(WebSocket<TcpStream>) + Send + 'static,
+    ) -> (SocketAddr, JoinHandle<()>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            script(tungstenite::accept(tcp).unwrap());
+        });
+        (addr, handle)
+    }
+
+    /// Reads text frames until one of type `kind`; `None` if the connection ended.
+    fn read_until(ws: &mut WebSocket<TcpStream>, kind: &str) -> Option<serde_json::Value> {
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == kind {
+                        return Some(v);
+                    }
+                }
+                Ok(Message::Close(_)) => panic!("client sent a close frame"),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn join_reply(ws: &mut WebSocket<TcpStream>) {
+        let join = read_until(ws, "join").unwrap();
+        assert_eq!(join["sessionId"], "room");
+        assert_eq!(join["userId"], "alice");
+        let joined = serde_json::json!({
+            "type": "joined", "peerId": "p1", "sessionId": "room",
+            "iceServers": [], "requestId": join["requestId"],
+        });
+        ws.send(Message::text(joined.to_string())).unwrap();
+    }
+
+    #[test]
+    fn refused_join_reports_the_servers_error() {
+        let (addr, server) = fake_server(|mut ws| {
+            let join = read_until(&mut ws, "join").unwrap();
+            let error = serde_json::json!({
+                "type": "error", "code": "room_full", "message": "full",
+                "requestId": join["requestId"],
+            });
+            ws.send(Message::text(error.to_string())).unwrap();
+            read_until(&mut ws, "never");
+        });
+        let result = Client::connect(ClientConfig::new(addr, "room", "alice"));
+        match result {
+            Err(Error::Refused { code, message }) => {
+                assert_eq!((code.as_str(), message.as_str()), ("room_full", "full"));
+            }
+            other => panic!("{:?}", other.map(|c| c.snapshot())),
+        }
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn join_signal_and_leave_with_1000() {
+        let (addr, server) = fake_server(|mut ws| {
+            join_reply(&mut ws);
+            let bob = r#"{"type":"peer_joined","peerId":"bob","userId":"b","audioEnabled":true,"videoEnabled":true,"screenEnabled":false,"speaking":false}"#;
+            ws.send(Message::text(bob)).unwrap();
+            read_until(&mut ws, "ping").unwrap();
+            ws.send(Message::text(r#"{"type":"pong"}"#)).unwrap();
+            read_until(&mut ws, "leave").unwrap();
+            ws.close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .unwrap();
+            // Drive the close handshake to the end.
+            while ws.read().is_ok() {}
+        });
+        let client = Client::connect(ClientConfig {
+            publish_audio: false,
+            publish_video: false,
+            ..ClientConfig::new(addr, "room", "alice")
+        })
+        .unwrap();
+        assert_eq!(client.peer_id(), "p1");
+        client
+            .wait_for(Duration::from_secs(5), |s| s.peers.contains_key("bob"))
+            .unwrap();
+        client.send(ClientMessage::Ping { request_id: None });
+        client
+            .wait_for(Duration::from_secs(5), |s| s.pongs == 1)
+            .unwrap();
+        let last = client.leave(Duration::from_secs(5)).unwrap();
+        let closed = last.closed.clone().unwrap();
+        assert_eq!((closed.code, closed.reason.as_str()), (Some(1000), "bye"));
+        assert!(last.violations.is_empty(), "{:?}", last.violations);
+        // Finished sessions fail waits at once instead of running into the timeout.
+        let started = Instant::now();
+        let waited = client.wait_for(Duration::from_secs(30), |s| s.pongs == 2);
+        assert!(matches!(waited, Err(Error::Ended(_))));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn dropping_closes_without_leave_or_close_frame() {
+        let (done_tx, done_rx) = mpsc::channel();
+        let (addr, server) = fake_server(move |mut ws| {
+            join_reply(&mut ws);
+            // Panics on a close frame; returns `None` once the TCP connection ends.
+            done_tx.send(read_until(&mut ws, "leave")).unwrap();
+        });
+        let client = Client::connect(ClientConfig::new(addr, "room", "alice")).unwrap();
+        // Publishing, so the offer was sent before the abort.
+        client
+            .wait_for(Duration::from_secs(5), |s| s.published.len() == 2)
+            .unwrap();
+        client.abort();
+        let seen = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(seen, None, "no leave before the connection dropped");
+        server.join().unwrap();
     }
 
     #[test]

@@ -58,7 +58,6 @@ impl Default for MediaConfig {
 pub(crate) struct Pacer {
     interval: Duration,
     next: Option<Instant>,
-    burst: u32,
 }
 
 impl Pacer {
@@ -66,14 +65,12 @@ impl Pacer {
         Self {
             interval,
             next: None,
-            burst: 0,
         }
     }
 
     /// Starts the schedule with the first tick due at `now`.
     pub(crate) fn start(&mut self, now: Instant) {
         self.next = Some(now);
-        self.burst = 0;
     }
 
     pub(crate) fn stop(&mut self) {
@@ -87,20 +84,18 @@ impl Pacer {
 
     /// Consumes one tick if it is due.
     pub(crate) fn tick(&mut self, now: Instant) -> bool {
-        let Some(next) = self.next else {
+        let Some(mut next) = self.next else {
             return false;
         };
         if next > now {
-            self.burst = 0;
             return false;
         }
-        self.burst += 1;
-        self.next = Some(if self.burst >= MAX_CATCH_UP {
-            self.burst = 0;
-            (next + self.interval).max(now + self.interval)
-        } else {
-            next + self.interval
-        });
+        // Far behind after a stall: keep at most MAX_CATCH_UP ticks of backlog.
+        let backlog = self.interval * (MAX_CATCH_UP - 1);
+        if now.duration_since(next) > backlog {
+            next = now - backlog;
+        }
+        self.next = Some(next + self.interval);
         true
     }
 }
@@ -249,11 +244,11 @@ impl VideoSource {
         }
         let rtp_time = self.numbering.rtp_time(now);
         let numbering = &mut self.numbering;
-        let frames = self.packetizer.packetize(
-            frame_len(config, keyframe),
-            keyframe,
-            || numbering.stamp(unix_micros),
-        );
+        let frames = self
+            .packetizer
+            .packetize(frame_len(config, keyframe), keyframe, || {
+                numbering.stamp(unix_micros)
+            });
         frames
             .into_iter()
             .map(|p| MediaPacket {
@@ -363,7 +358,11 @@ mod tests {
         let t0 = Instant::now();
         let mut v = VideoSource::new(7, &config);
         v.pacer.start(t0);
-        assert!(parse_vp8(&v.poll(t0, 0, &config)[0].payload).unwrap().keyframe);
+        assert!(
+            parse_vp8(&v.poll(t0, 0, &config)[0].payload)
+                .unwrap()
+                .keyframe
+        );
         let soon = t0 + Duration::from_millis(5);
         assert!(v.poll(soon, 0, &config).is_empty());
         v.request_keyframe(soon);

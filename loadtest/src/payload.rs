@@ -317,7 +317,9 @@ mod tests {
         v[4] = 0;
         assert!(!parse_vp8(&v).unwrap().keyframe);
         // X with I (7-bit picture id), L and T.
-        let v = [0x90, 0xe0, 0x05, 0x11, 0x22, 0x00, 0, 0, 0x9d, 0x01, 0x2a, 0, 0, 0, 0];
+        let v = [
+            0x90, 0xe0, 0x05, 0x11, 0x22, 0x00, 0, 0, 0x9d, 0x01, 0x2a, 0, 0, 0, 0,
+        ];
         let info = parse_vp8(&v).unwrap();
         assert_eq!(info.picture_id, Some(5));
         assert!(info.keyframe);

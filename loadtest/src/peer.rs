@@ -196,7 +196,8 @@ pub struct LoggedMessage {
 /// How the signaling channel ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseInfo {
-    /// WebSocket close code, `None` when the connection dropped without a close frame.
+    /// WebSocket close code (1005 for a close frame without one), `None` when the
+    /// connection dropped without a close frame.
     pub code: Option<u16>,
     pub reason: String,
 }
@@ -302,8 +303,9 @@ impl ClientStats {
 
     /// The `kind` track from `peer_id` that received the most packets.
     pub fn track(&self, peer_id: &str, kind: MediaKind) -> Option<&TrackStats> {
-        self.tracks_from(peer_id)
-            .filter(|t| t.kind == kind)
+        self.tracks
+            .iter()
+            .filter(|t| t.peer_id == peer_id && t.kind == kind)
             .max_by_key(|t| t.packets)
     }
 
@@ -339,7 +341,10 @@ impl Endpoint {
         let mut config = Rtc::builder().set_rtp_mode(true);
         if leg == Leg::Publisher {
             // Offer exactly what we generate, so the server cannot pick another codec.
-            config = config.clear_codecs().enable_opus(true, false).enable_vp8(true);
+            config = config
+                .clear_codecs()
+                .enable_opus(true, false)
+                .enable_vp8(true);
         }
         let mut rtc = config.build(now);
         // A host candidate for our socket; str0m puts it in our SDP.
@@ -360,9 +365,8 @@ struct Publishing {
     pt: Option<Pt>,
 }
 
-#[derive(Default)]
 struct TrackRx {
-    kind: Option<MediaKind>,
+    kind: MediaKind,
     codec: Option<String>,
     packets: u64,
     bytes: u64,
@@ -371,6 +375,22 @@ struct TrackRx {
     seq: SeqTracker,
     latency: Histogram,
     last_received: Option<Instant>,
+}
+
+impl TrackRx {
+    fn new(kind: MediaKind) -> Self {
+        Self {
+            kind,
+            codec: None,
+            packets: 0,
+            bytes: 0,
+            keyframes: 0,
+            unstamped: 0,
+            seq: SeqTracker::default(),
+            latency: Histogram::default(),
+            last_received: None,
+        }
+    }
 }
 
 /// The sans-IO participant. See the module docs.
@@ -573,10 +593,10 @@ impl Peer {
         let now = self.advance(now);
         for leg in [Leg::Publisher, Leg::Subscriber] {
             let endpoint = self.endpoint(leg);
-            if endpoint.rtc.is_alive() {
-                if let Err(e) = endpoint.rtc.handle_input(Input::Timeout(now)) {
-                    self.violation(format!("{leg:?} timeout handling failed: {e}"));
-                }
+            if endpoint.rtc.is_alive()
+                && let Err(e) = endpoint.rtc.handle_input(Input::Timeout(now))
+            {
+                self.violation(format!("{leg:?} timeout handling failed: {e}"));
             }
         }
         self.drive(now);
@@ -623,43 +643,44 @@ impl Peer {
         let tracks = self
             .rx
             .iter()
-            .filter_map(|((mid, peer_id, track_id), t)| {
-                Some(TrackStats {
-                    peer_id: peer_id.clone(),
-                    track_id: track_id.clone(),
-                    mid: mid.clone(),
-                    kind: t.kind?,
-                    codec: t.codec.clone(),
-                    packets: t.packets,
-                    bytes: t.bytes,
-                    keyframes: t.keyframes,
-                    unstamped: t.unstamped,
-                    received: t.seq.unique(),
-                    lost: t.seq.lost(),
-                    duplicates: t.seq.duplicates(),
-                    reordered: t.seq.reordered(),
-                    latency_us: t.latency.summary(),
-                    last_received: t.last_received,
-                })
+            .map(|((mid, peer_id, track_id), t)| TrackStats {
+                peer_id: peer_id.clone(),
+                track_id: track_id.clone(),
+                mid: mid.clone(),
+                kind: t.kind,
+                codec: t.codec.clone(),
+                packets: t.packets,
+                bytes: t.bytes,
+                keyframes: t.keyframes,
+                unstamped: t.unstamped,
+                received: t.seq.unique(),
+                lost: t.seq.lost(),
+                duplicates: t.seq.duplicates(),
+                reordered: t.seq.reordered(),
+                latency_us: t.latency.summary(),
+                last_received: t.last_received,
             })
             .collect();
-        let published = [(&self.audio, MediaKind::Audio), (&self.video, MediaKind::Video)]
-            .into_iter()
-            .filter_map(|(p, kind)| {
-                let p = p.as_ref()?;
-                Some(LocalTrack {
-                    mid: p.mid.to_string(),
-                    kind,
-                    track_id: self
-                        .publisher
-                        .rtc
-                        .media(p.mid)
-                        .map(|m| m.track_id().to_string())
-                        .unwrap_or_default(),
-                    pt: p.pt.map(|pt| *pt),
-                })
+        let published = [
+            (&self.audio, MediaKind::Audio),
+            (&self.video, MediaKind::Video),
+        ]
+        .into_iter()
+        .filter_map(|(p, kind)| {
+            let p = p.as_ref()?;
+            Some(LocalTrack {
+                mid: p.mid.to_string(),
+                kind,
+                track_id: self
+                    .publisher
+                    .rtc
+                    .media(p.mid)
+                    .map(|m| m.track_id().to_string())
+                    .unwrap_or_default(),
+                pt: p.pt.map(|pt| *pt),
             })
-            .collect();
+        })
+        .collect();
         ClientStats {
             state: self.state.clone(),
             peer_id: self.peer_id.clone(),
@@ -834,7 +855,8 @@ impl Peer {
         ] {
             match (want, slot.as_ref()) {
                 (true, None) => {
-                    let mid = api.add_media(kind, Direction::SendOnly, stream_id.clone(), None, None);
+                    let mid =
+                        api.add_media(kind, Direction::SendOnly, stream_id.clone(), None, None);
                     *slot = Some(Publishing { mid, pt: None });
                 }
                 (false, Some(p)) => {
@@ -868,7 +890,9 @@ impl Peer {
         };
         self.publisher_answers += 1;
         if request_id.as_ref() != Some(&ours) {
-            self.violation(format!("answer echoes requestId {request_id:?}, sent {ours}"));
+            self.violation(format!(
+                "answer echoes requestId {request_id:?}, sent {ours}"
+            ));
         }
         self.learn_server_addrs(sdp);
         let accepted = SdpAnswer::from_sdp_string(sdp)
@@ -884,15 +908,21 @@ impl Peer {
             self.violation(format!("publisher answer not accepted: {e}"));
             return;
         }
-        for (slot, codec) in [(&mut self.audio, Codec::Opus), (&mut self.video, Codec::Vp8)] {
+        for (slot, codec) in [
+            (&mut self.audio, Codec::Opus),
+            (&mut self.video, Codec::Vp8),
+        ] {
             if let Some(p) = slot {
                 p.pt = negotiated_pt(&self.publisher.rtc, p.mid, codec);
             }
         }
-        for (slot, codec) in [(&self.audio, "Opus"), (&self.video, "VP8")] {
-            if slot.as_ref().is_some_and(|p| p.pt.is_none()) {
-                self.violation(format!("answer did not accept {codec}"));
-            }
+        let refused = [(&self.audio, "Opus"), (&self.video, "VP8")]
+            .into_iter()
+            .filter(|(slot, _)| slot.as_ref().is_some_and(|p| p.pt.is_none()))
+            .map(|(_, codec)| codec)
+            .collect::<Vec<_>>();
+        for codec in refused {
+            self.violation(format!("answer did not accept {codec}"));
         }
         self.start_sources(now);
         if std::mem::take(&mut self.renegotiate) {
@@ -1002,9 +1032,18 @@ impl Peer {
         };
         if let Some(Publishing { mid, pt: Some(pt) }) = self.audio {
             while let Some(p) = self.audio_src.poll(now, unix, media) {
+                self.generation.media += 1;
                 self.sent.audio_packets += 1;
                 self.sent.bytes += p.payload.len() as u64;
-                write_rtp(&mut self.publisher.rtc, mid, pt, p, now, audio_ext.clone(), false);
+                write_rtp(
+                    &mut self.publisher.rtc,
+                    mid,
+                    pt,
+                    p,
+                    now,
+                    audio_ext.clone(),
+                    false,
+                );
             }
         }
         if let Some(Publishing { mid, pt: Some(pt) }) = self.video {
@@ -1013,6 +1052,7 @@ impl Peer {
                 let Some(first) = packets.first() else {
                     break;
                 };
+                self.generation.media += 1;
                 self.sent.video_frames += 1;
                 if parse_vp8(&first.payload).is_some_and(|i| i.keyframe) {
                     self.sent.keyframes += 1;
@@ -1071,11 +1111,11 @@ impl Peer {
                 self.generation.signaling += 1;
                 self.start_sources(now);
             }
-            (Leg::Publisher, Event::KeyframeRequest(req)) => {
-                if self.video.as_ref().is_some_and(|v| v.mid == req.mid) {
-                    self.keyframe_requests += 1;
-                    self.video_src.request_keyframe(now);
-                }
+            (Leg::Publisher, Event::KeyframeRequest(req))
+                if self.video.as_ref().is_some_and(|v| v.mid == req.mid) =>
+            {
+                self.keyframe_requests += 1;
+                self.video_src.request_keyframe(now);
             }
             (Leg::Subscriber, Event::RtpPacket(packet)) => self.on_rtp(&packet),
             _ => {}
@@ -1119,12 +1159,13 @@ impl Peer {
             return;
         }
         let received_unix = self.time_base.unix_micros(packet.timestamp);
-        let track = self.rx.entry(key).or_default();
-        track.kind = Some(kind);
+        let track = self.rx.entry(key).or_insert_with(|| TrackRx::new(kind));
         track.packets += 1;
         track.bytes += packet.payload.len() as u64;
         track.last_received = Some(packet.timestamp);
-        if codec.as_deref().is_some_and(|c| c.eq_ignore_ascii_case("vp8"))
+        if codec
+            .as_deref()
+            .is_some_and(|c| c.eq_ignore_ascii_case("vp8"))
             && parse_vp8(&packet.payload).is_some_and(|i| i.keyframe)
         {
             track.keyframes += 1;
@@ -1203,4 +1244,481 @@ fn write_rtp(
         .nackable(nackable)
         .ext_vals(ext),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::{Stamp, audio_payload};
+    use str0m::media::KeyframeRequestKind;
+
+    const PUB: &str = "127.0.0.1:50000";
+    const SUB: &str = "127.0.0.1:50001";
+    const SERVER_PUB: &str = "127.0.0.1:40000";
+    const SERVER_SUB: &str = "127.0.0.1:40001";
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn new_peer(now: Instant) -> Peer {
+        let config = PeerConfig {
+            message_log_capacity: 4,
+            ..PeerConfig::new("room", "alice")
+        };
+        Peer::new(
+            config,
+            TimeBase::new(now, 1_000_000),
+            addr(PUB),
+            addr(SUB),
+            now,
+        )
+    }
+
+    fn signals(peer: &mut Peer) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| peer.poll_signal())
+            .map(|s| serde_json::from_str(&s).unwrap())
+            .collect()
+    }
+
+    fn joined(peer: &mut Peer, now: Instant) -> Vec<serde_json::Value> {
+        signals(peer);
+        peer.handle_signal(
+            r#"{"type":"joined","peerId":"me","sessionId":"room","iceServers":[],"requestId":"join-1"}"#,
+            now,
+        );
+        signals(peer)
+    }
+
+    #[test]
+    fn joins_then_offers_both_tracks_under_our_peer_id() {
+        let now = Instant::now();
+        let mut peer = new_peer(now);
+        let join = signals(&mut peer);
+        assert_eq!(
+            join,
+            vec![
+                serde_json::json!({"type":"join","sessionId":"room","userId":"alice","requestId":"join-1"})
+            ]
+        );
+        let out = joined(&mut peer, now);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0]["type"], "offer");
+        assert_eq!(out[0]["requestId"], "offer-2");
+        let sdp = summarize(out[0]["sdp"].as_str().unwrap());
+        let kinds: Vec<_> = sdp.media.iter().map(|m| m.kind.as_str()).collect();
+        assert_eq!(kinds, ["audio", "video"]);
+        for m in &sdp.media {
+            assert_eq!(m.direction, "sendonly");
+            assert_eq!(m.stream_id.as_deref(), Some("me"));
+        }
+        assert_eq!(sdp.candidates, vec![addr(PUB)]);
+        let video_codecs: Vec<_> = sdp.media[1].codecs.values().collect();
+        assert!(video_codecs.iter().all(|c| *c == "VP8" || *c == "rtx"));
+        let stats = peer.stats();
+        assert_eq!(stats.state, SessionState::Joined);
+        assert_eq!(stats.peer_id.as_deref(), Some("me"));
+        assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+    }
+
+    #[test]
+    fn refused_join_and_bounded_log() {
+        let now = Instant::now();
+        let mut peer = new_peer(now);
+        peer.handle_signal(
+            r#"{"type":"error","code":"room_full","message":"full","requestId":"join-1"}"#,
+            now,
+        );
+        assert_eq!(
+            peer.stats().state,
+            SessionState::Refused {
+                code: "room_full".into(),
+                message: "full".into()
+            }
+        );
+        for _ in 0..10 {
+            peer.handle_signal(r#"{"type":"pong"}"#, now);
+        }
+        let stats = peer.stats();
+        assert_eq!(stats.messages.len(), 4);
+        assert_eq!(stats.pongs, 10);
+        assert!(stats.has_error("room_full"));
+        // Refused: no offer was made.
+        assert!(signals(&mut peer).iter().all(|m| m["type"] == "join"));
+    }
+
+    #[test]
+    fn room_membership_and_violations() {
+        let now = Instant::now();
+        let mut peer = new_peer(now);
+        joined(&mut peer, now);
+        let flags =
+            r#""audioEnabled":true,"videoEnabled":true,"screenEnabled":false,"speaking":false"#;
+        peer.handle_signal(
+            &format!(r#"{{"type":"peer_joined","peerId":"bob","userId":"b",{flags}}}"#),
+            now,
+        );
+        peer.handle_signal(
+            &format!(
+                r#"{{"type":"media_state","peerId":"bob",{}}}"#,
+                flags.replace("true", "false")
+            ),
+            now,
+        );
+        peer.handle_signal(
+            r#"{"type":"speaking","peerId":"bob","speaking":true,"level":30}"#,
+            now,
+        );
+        let bob = peer.stats().peers["bob"].clone();
+        assert_eq!(bob.user_id, "b");
+        assert!(!bob.flags.audio_enabled);
+        assert!(bob.flags.speaking);
+        assert_eq!((bob.level, bob.speaking_events), (Some(30), 1));
+
+        peer.handle_signal(
+            r#"{"type":"track_published","peerId":"bob","trackId":"t","kind":"audio","source":"mic"}"#,
+            now,
+        );
+        assert_eq!(peer.stats().announced_tracks.len(), 1);
+        peer.handle_signal(
+            r#"{"type":"track_unpublished","peerId":"bob","trackId":"t"}"#,
+            now,
+        );
+        assert!(peer.stats().announced_tracks.is_empty());
+
+        peer.handle_signal(r#"{"type":"peer_left","peerId":"bob"}"#, now);
+        let stats = peer.stats();
+        assert!(stats.peers.is_empty());
+        assert_eq!(stats.peers_left, ["bob"]);
+        assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+
+        // Echoed media state, unknown types, a missing field, an unsolicited answer.
+        peer.handle_signal(
+            &format!(r#"{{"type":"media_state","peerId":"me",{flags}}}"#),
+            now,
+        );
+        peer.handle_signal(r#"{"type":"bogus"}"#, now);
+        peer.handle_signal(r#"{"type":"peer_left"}"#, now);
+        peer.handle_signal(r#"not json"#, now);
+        let stats = peer.stats();
+        assert_eq!(stats.violations.len(), 4, "{:?}", stats.violations);
+        assert_eq!(stats.messages.last().unwrap().kind, "");
+        assert_eq!(stats.messages[1].kind, "bogus");
+
+        peer.handle_signal(r#"{"type":"kicked","reason":"bye"}"#, now);
+        assert_eq!(
+            peer.stats().state,
+            SessionState::Kicked {
+                reason: "bye".into()
+            }
+        );
+        peer.handle_signaling_closed(Some(4000), "kicked".into());
+        assert!(peer.is_finished());
+    }
+
+    #[test]
+    fn refuses_to_send_anywhere_but_loopback_or_the_servers_sdp() {
+        let now = Instant::now();
+        let mut peer = new_peer(now);
+        joined(&mut peer, now);
+        peer.handle_signal(
+            r#"{"type":"candidate","candidate":"candidate:1 1 udp 2130706431 8.8.8.8 3478 typ host","sdpMid":"0","sdpMLineIndex":0,"target":"subscriber"}"#,
+            now,
+        );
+        peer.handle_signal(
+            r#"{"type":"candidate","candidate":"","sdpMid":null,"sdpMLineIndex":null}"#,
+            now,
+        );
+        let stats = peer.stats();
+        assert_eq!(stats.ignored_candidates, 1);
+        assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+        assert!(peer.destination_allowed(addr("[::1]:5")));
+        assert!(!peer.destination_allowed(addr("10.0.0.1:5")));
+    }
+
+    /// An ICE-lite str0m pair standing in for the server's two connections.
+    struct FakeServer {
+        publisher: Rtc,
+        subscriber: Rtc,
+        received: Vec<RtpPacket>,
+    }
+
+    impl FakeServer {
+        fn new(now: Instant) -> Self {
+            let rtc = |a: &str| {
+                let mut rtc = Rtc::builder()
+                    .set_ice_lite(true)
+                    .set_rtp_mode(true)
+                    .build(now);
+                rtc.add_local_candidate(Candidate::host(addr(a), "udp").unwrap());
+                rtc
+            };
+            Self {
+                publisher: rtc(SERVER_PUB),
+                subscriber: rtc(SERVER_SUB),
+                received: Vec::new(),
+            }
+        }
+
+        /// Moves datagrams both ways until everyone is idle at `now`.
+        fn exchange(&mut self, peer: &mut Peer, now: Instant) {
+            for leg in [Leg::Publisher, Leg::Subscriber] {
+                self.rtc(leg).handle_input(Input::Timeout(now)).unwrap();
+                self.drain(leg, peer, now);
+            }
+            for _ in 0..100 {
+                let Some(t) = peer.poll_transmit() else {
+                    return;
+                };
+                let (leg, source) = match t.destination.to_string().as_str() {
+                    SERVER_PUB => (Leg::Publisher, addr(PUB)),
+                    SERVER_SUB => (Leg::Subscriber, addr(SUB)),
+                    other => panic!("peer sent to {other}"),
+                };
+                let input = Input::Receive(
+                    now,
+                    Receive {
+                        proto: Protocol::Udp,
+                        source,
+                        destination: t.destination,
+                        contents: t.contents.as_slice().try_into().unwrap(),
+                    },
+                );
+                self.rtc(leg).handle_input(input).unwrap();
+                // str0m holds one received RTP packet until polled: drain per input.
+                self.drain(leg, peer, now);
+            }
+            panic!("no quiescence");
+        }
+
+        fn rtc(&mut self, leg: Leg) -> &mut Rtc {
+            match leg {
+                Leg::Publisher => &mut self.publisher,
+                Leg::Subscriber => &mut self.subscriber,
+            }
+        }
+
+        fn drain(&mut self, leg: Leg, peer: &mut Peer, now: Instant) {
+            let source = match leg {
+                Leg::Publisher => addr(SERVER_PUB),
+                Leg::Subscriber => addr(SERVER_SUB),
+            };
+            loop {
+                match self.rtc(leg).poll_output().unwrap() {
+                    Output::Timeout(_) => return,
+                    Output::Transmit(t) => peer.handle_datagram(leg, source, &t.contents, now),
+                    Output::Event(Event::RtpPacket(p)) => self.received.push(p),
+                    Output::Event(_) => {}
+                }
+            }
+        }
+    }
+
+    /// Answers the peer's pending publisher offer the way the server would.
+    fn answer_offer(
+        peer: &mut Peer,
+        server: &mut FakeServer,
+        offer: &serde_json::Value,
+        now: Instant,
+    ) {
+        let sdp = SdpOffer::from_sdp_string(offer["sdp"].as_str().unwrap()).unwrap();
+        let answer = server.publisher.sdp_api().accept_offer(sdp).unwrap();
+        let answer = serde_json::json!({
+            "type": "answer",
+            "sdp": answer.to_sdp_string(),
+            "requestId": offer["requestId"],
+        });
+        peer.handle_signal(&answer.to_string(), now);
+    }
+
+    #[test]
+    fn unpublishing_waits_for_the_answer_then_renegotiates() {
+        let now = Instant::now();
+        let mut peer = new_peer(now);
+        let mut server = FakeServer::new(now);
+        let first = joined(&mut peer, now).remove(0);
+        peer.set_publish(false, true, now);
+        assert!(signals(&mut peer).is_empty(), "one offer at a time");
+        answer_offer(&mut peer, &mut server, &first, now);
+        let second = signals(&mut peer).remove(0);
+        assert_eq!(second["type"], "offer");
+        assert_eq!(second["requestId"], "offer-3");
+        let sdp = summarize(second["sdp"].as_str().unwrap());
+        assert!(
+            !sdp.media[0].is_active_send(),
+            "audio stopped: {:?}",
+            sdp.media[0]
+        );
+        assert!(sdp.media[1].is_active_send());
+        answer_offer(&mut peer, &mut server, &second, now);
+        let stats = peer.stats();
+        assert_eq!(stats.publisher_answers, 2);
+        assert_eq!(stats.published.len(), 1);
+        assert_eq!(stats.published[0].kind, MediaKind::Video);
+        assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+    }
+
+    /// The whole peer against an in-memory ICE-lite "server": publisher offer/answer,
+    /// subscriber offer/answer, ICE+DTLS on both legs, media both ways, keyframe
+    /// requests, and attribution of received media to the msid of the offer.
+    #[test]
+    fn media_flows_both_ways_through_a_fake_server() {
+        let start = Instant::now();
+        let mut now = start;
+        let mut peer = new_peer(now);
+        let mut server = FakeServer::new(now);
+
+        let offer = joined(&mut peer, now).remove(0);
+        let offer = SdpOffer::from_sdp_string(offer["sdp"].as_str().unwrap()).unwrap();
+        let answer = server.publisher.sdp_api().accept_offer(offer).unwrap();
+        let answer =
+            serde_json::json!({"type":"answer","sdp":answer.to_sdp_string(),"requestId":"offer-2"});
+        peer.handle_signal(&answer.to_string(), now);
+
+        let mut change = server.subscriber.sdp_api();
+        let audio_mid = change.add_media(
+            MediaKind::Audio,
+            Direction::SendOnly,
+            Some("bob".into()),
+            Some("bobmic".into()),
+            None,
+        );
+        let (offer, pending) = change.apply().unwrap();
+        let offer = serde_json::json!({"type":"offer","sdp":offer.to_sdp_string()});
+        peer.handle_signal(&offer.to_string(), now);
+        let answer = signals(&mut peer).remove(0);
+        assert_eq!(answer["type"], "answer");
+        let answer = SdpAnswer::from_sdp_string(answer["sdp"].as_str().unwrap()).unwrap();
+        server
+            .subscriber
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .unwrap();
+
+        let opus = server
+            .subscriber
+            .codec_config()
+            .find(|p| p.spec().codec == Codec::Opus)
+            .unwrap()
+            .pt();
+        let mut sent = 0u64;
+        let mut requested = false;
+        while now < start + Duration::from_secs(3) {
+            now += Duration::from_millis(5);
+            peer.handle_timeout(now);
+            server.exchange(&mut peer, now);
+            if server.subscriber.is_connected()
+                && now.duration_since(start).as_millis().is_multiple_of(20)
+            {
+                // 20 ms audio from "bob", stamped like ours, 5 ms in flight.
+                let stamp = Stamp {
+                    seq: sent,
+                    sent_unix_micros: 1_000_000 + (now.duration_since(start).as_micros() as u64)
+                        - 5_000,
+                };
+                let mut api = server.subscriber.direct_api();
+                let tx = api.stream_tx_by_mid(audio_mid, None).unwrap();
+                tx.write_rtp(RtpWrite::new(
+                    opus,
+                    (100 + sent).into(),
+                    sent as u32 * 960,
+                    now,
+                    audio_payload(100, stamp),
+                ));
+                sent += 1;
+            }
+            if !requested && now > start + Duration::from_millis(2500) {
+                requested = true;
+                let video = peer.stats().published[1].mid.as_str().into();
+                let mut api = server.publisher.direct_api();
+                let rx = api.stream_rx_by_mid(video, None).unwrap();
+                rx.request_keyframe(KeyframeRequestKind::Pli);
+            }
+        }
+
+        let stats = peer.stats();
+        assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+        assert!(stats.publisher_connected && stats.subscriber_connected);
+        assert_eq!(
+            stats.active_msids(),
+            [("bob".to_string(), "bobmic".to_string())]
+        );
+
+        // What we received from "bob".
+        let track = stats.track("bob", MediaKind::Audio).expect("bob's audio");
+        assert_eq!(track.track_id, "bobmic");
+        assert_eq!(track.codec.as_deref(), Some("opus"));
+        assert!(track.packets > 50, "{track:?}");
+        assert_eq!((track.lost, track.duplicates, track.unstamped), (0, 0, 0));
+        // Stamped 5 ms before the write, delivered at the next 5 ms step.
+        let latency = track.latency_us.unwrap();
+        assert_eq!((latency.min, latency.max), (10_000, 10_000), "{latency:?}");
+
+        // What the server received from us.
+        let published = &stats.published;
+        assert_eq!(published.len(), 2);
+        assert!(
+            published
+                .iter()
+                .all(|p| p.pt.is_some() && !p.track_id.is_empty())
+        );
+        let from_us = |mid: &str| {
+            server
+                .received
+                .iter()
+                .filter(|p| p.header.ext_vals.mid.is_some_and(|m| &*m == mid))
+                .collect::<Vec<_>>()
+        };
+        let audio = from_us(&published[0].mid);
+        eprintln!(
+            "sent {:?} rtpseqs {:?}",
+            stats.sent,
+            audio
+                .iter()
+                .map(|p| (*p.seq_no, p.header.timestamp))
+                .take(12)
+                .collect::<Vec<_>>()
+        );
+        let video = from_us(&published[1].mid);
+        assert!(audio.len() > 100, "{} audio packets", audio.len());
+        assert!(video.len() > 60, "{} video packets", video.len());
+        let stamps: Vec<_> = audio
+            .iter()
+            .map(|p| Stamp::from_trailer(&p.payload).unwrap().seq)
+            .collect();
+        assert!(stamps.windows(2).all(|w| w[1] == w[0] + 1), "{stamps:?}");
+        let first = parse_vp8(&video[0].payload).unwrap();
+        assert!(first.keyframe, "video starts with a keyframe");
+        assert_eq!(
+            video
+                .iter()
+                .filter(|p| parse_vp8(&p.payload).unwrap().keyframe)
+                .count() as u64,
+            stats.sent.keyframes
+        );
+        // Periodic keyframes at the start and 2 s later, one on the request at 2.5 s.
+        assert_eq!(stats.keyframe_requests, 1);
+        assert_eq!(stats.sent.keyframes, 3);
+        assert!(
+            video.iter().filter(|p| p.header.marker).count() as u64 >= stats.sent.video_frames - 1
+        );
+
+        // The server stops bob's track: the next offer no longer lists it.
+        let mut change = server.subscriber.sdp_api();
+        change.stop_media(audio_mid);
+        let (offer, pending) = change.apply().unwrap();
+        let offer = serde_json::json!({"type":"offer","sdp":offer.to_sdp_string()});
+        peer.handle_signal(&offer.to_string(), now);
+        let answer = signals(&mut peer).remove(0);
+        let answer = SdpAnswer::from_sdp_string(answer["sdp"].as_str().unwrap()).unwrap();
+        server
+            .subscriber
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .unwrap();
+        let stats = peer.stats();
+        assert_eq!(stats.subscriber_offers, 2);
+        assert!(stats.active_msids().is_empty(), "{:?}", stats.offered);
+        assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+    }
 }

@@ -60,7 +60,9 @@ pub fn summarize(sdp: &str) -> SdpSummary {
     for line in sdp.lines().map(str::trim) {
         if let Some(rest) = line.strip_prefix("m=") {
             if let Some(mut m) = current.take() {
-                m.direction = section_direction.take().unwrap_or(session_direction.clone());
+                m.direction = section_direction
+                    .take()
+                    .unwrap_or(session_direction.clone());
                 out.media.push(m);
             }
             let mut tokens = rest.split_whitespace();
@@ -79,10 +81,11 @@ pub fn summarize(sdp: &str) -> SdpSummary {
             continue;
         };
         if let Some(c) = attr.strip_prefix("candidate:") {
-            if let Ok(c) = Candidate::from_sdp_string(&format!("candidate:{c}")) {
-                if c.proto() == Protocol::Udp && !out.candidates.contains(&c.addr()) {
-                    out.candidates.push(c.addr());
-                }
+            if let Ok(c) = Candidate::from_sdp_string(&format!("candidate:{c}"))
+                && c.proto() == Protocol::Udp
+                && !out.candidates.contains(&c.addr())
+            {
+                out.candidates.push(c.addr());
             }
             continue;
         }
@@ -178,7 +181,9 @@ a=msid:peerB trackX\r\n";
 
     #[test]
     fn session_direction_is_the_default() {
-        let s = summarize("v=0\na=recvonly\nm=audio 9 X 0\na=mid:a\nm=video 9 X 0\na=mid:b\na=sendonly\n");
+        let s = summarize(
+            "v=0\na=recvonly\nm=audio 9 X 0\na=mid:a\nm=video 9 X 0\na=mid:b\na=sendonly\n",
+        );
         assert_eq!(s.media[0].direction, "recvonly");
         assert_eq!(s.media[1].direction, "sendonly");
         assert!(!s.media[1].is_active_send(), "no msid");

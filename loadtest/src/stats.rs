@@ -227,11 +227,6 @@ impl Histogram {
         self.max = self.max.max(other.max);
     }
 
-    /// Number of samples recorded.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
     /// Nearest-rank percentile, reported as its bucket's midpoint clamped to the exact
     /// min and max. `None` when empty.
     pub fn percentile(&self, p: f64) -> Option<u64> {
@@ -409,7 +404,19 @@ mod tests {
     #[test]
     fn buckets_are_contiguous_and_monotonic() {
         let mut last = 0;
-        for v in [0u64, 1, 31, 32, 63, 64, 65, 127, 128, 1 << 20, (1 << 36) - 1] {
+        for v in [
+            0u64,
+            1,
+            31,
+            32,
+            63,
+            64,
+            65,
+            127,
+            128,
+            1 << 20,
+            (1 << 36) - 1,
+        ] {
             let b = bucket_of(v);
             assert!(b >= last, "bucket of {v} went backwards");
             assert!(b < BUCKETS);

@@ -67,10 +67,15 @@ async function startServer() {
   const proc = spawn(serverBin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   const stdout = tail(50);
   const stderr = tail(200);
-  createInterface({ input: proc.stderr }).on('line', (l) => stderr.push(l));
+  // Colour codes stripped: tracing colours its output even into a pipe.
+  createInterface({ input: proc.stderr }).on('line', (l) => stderr.push(l.replace(/\x1b\[[0-9;]*m/g, '')));
   const port = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('server printed no "listening" line in 20 s')), 20_000);
-    const fail = (why) => { clearTimeout(timer); reject(new Error(`${why}\nserver stderr:\n${stderr.text()}`)); };
+    const fail = (why) => {
+      clearTimeout(timer);
+      proc.kill('SIGKILL');
+      reject(new Error(`${why}\nserver stderr:\n${stderr.text()}`));
+    };
+    const timer = setTimeout(() => fail('server printed no "listening" line in 20 s'), 20_000);
     proc.once('error', (e) => fail(`cannot start ${serverBin}: ${e.message}`));
     proc.once('exit', (code, sig) => fail(`server exited early (code ${code}, signal ${sig})`));
     createInterface({ input: proc.stdout }).on('line', (line) => {
@@ -182,12 +187,13 @@ test('two tabs see and hear each other through corelay', async (t) => {
 
     await step('each tab decodes video and receives audio from the other', async () => {
       for (const tab of tabs) {
-        tab.stats = await waitFor(`media in tab ${tab.name}`, async () => {
+        const stats = await waitFor(`media in tab ${tab.name}`, async () => {
           const s = await subscriberStats(tab.page);
           const ok = s && s.video.framesDecoded > MIN_FRAMES &&
             s.audio.packetsReceived > 0 && s.audio.bytesReceived > 0;
           return ok && s;
         });
+        console.log(`${tab.name} receives: ${JSON.stringify(stats)}`);
       }
     });
 
@@ -204,6 +210,8 @@ test('two tabs see and hear each other through corelay', async (t) => {
         assert.deepEqual(tiles, [{ peer: other, label: tabs[1 - i].name, videos: 1, audios: 1 }]);
         const status = await tab.page.evaluate(() => window.corelay.status);
         assert.match(status, /^connected/, `status of tab ${tab.name}`);
+        // A notice (an `error` from the server, a rejected SDP) is appended after " | ".
+        assert.doesNotMatch(status, / \| /, `no notice in tab ${tab.name}`);
       }
     });
 

@@ -1,0 +1,183 @@
+//! Bad input gets the PROTOCOL.md §5 code it deserves, the socket stays usable, and
+//! transport-level abuse gets the close code or HTTP status the protocol names.
+
+mod common;
+
+use common::{TestServer, Ws};
+use tungstenite::Message;
+
+/// Sends `msgs` on a fresh socket (joined first when `join` is set) and asserts the
+/// last reply is an `error` with `code`, then that the socket still answers `ping`.
+fn expect_error(server: &TestServer, join: bool, msgs: &[&str], code: &str) {
+    let room = format!("bad-{code}");
+    let mut ws = if join {
+        Ws::join(&server.ws_url(&room), &room, "u").0
+    } else {
+        Ws::connect(&server.ws_url(&room))
+    };
+    let (last, setup) = msgs.split_last().expect("a message");
+    for msg in setup {
+        ws.send(msg);
+        ws.recv();
+    }
+    ws.send(last);
+    let reply = ws.recv_type("error");
+    assert_eq!(reply["code"], code, "for {last}: {reply}");
+    assert!(
+        reply["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "an error says what was wrong: {reply}"
+    );
+    ws.send(r#"{"type":"ping","requestId":"still-there"}"#);
+    let pong = ws.recv_type("pong");
+    assert_eq!(pong["requestId"], "still-there");
+}
+
+#[test]
+fn every_client_error_code() {
+    let server = TestServer::start(&[]);
+    let too_many_tracks = format!(
+        r#"{{"type":"offer","sdp":"v=0\r\n{}"}}"#,
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111\\r\\n".repeat(5)
+    );
+    let long_request_id = format!(r#"{{"type":"ping","requestId":"{}"}}"#, "r".repeat(65));
+    let cases: &[(bool, &[&str], &str)] = &[
+        (false, &["{not json"], "bad_json"),
+        (false, &["[1,2]"], "bad_json"),
+        (false, &[r#"{"type":"teleport"}"#], "unknown_type"),
+        (false, &[r#"{"sessionId":"x"}"#], "invalid_field"),
+        (false, &[r#"{"type":"join","sessionId":"bad-invalid_field"}"#], "invalid_field"),
+        (false, &[&long_request_id], "invalid_field"),
+        (false, &[r#"{"type":"offer","sdp":"v=0"}"#], "not_joined"),
+        (false, &[r#"{"type":"leave"}"#], "not_joined"),
+        (
+            false,
+            &[r#"{"type":"join","sessionId":"elsewhere","userId":"u"}"#],
+            "room_mismatch",
+        ),
+        (
+            true,
+            &[r#"{"type":"join","sessionId":"bad-already_joined","userId":"u"}"#],
+            "already_joined",
+        ),
+        (true, &[&too_many_tracks], "too_many_tracks"),
+        (true, &[r#"{"type":"offer","sdp":"hello"}"#], "negotiation_failed"),
+        (true, &[r#"{"type":"answer","sdp":"v=0"}"#], "negotiation_failed"),
+        (
+            true,
+            &[r#"{"type":"candidate","candidate":"candidate:nonsense"}"#],
+            "invalid_field",
+        ),
+        (
+            true,
+            &[r#"{"type":"media_state","audioEnabled":"off"}"#],
+            "invalid_field",
+        ),
+    ];
+    for (join, msgs, code) in cases {
+        expect_error(&server, *join, msgs, code);
+    }
+}
+
+#[test]
+fn request_id_is_echoed_on_errors() {
+    let server = TestServer::start(&[]);
+    let mut ws = Ws::connect(&server.ws_url("rid"));
+    ws.send(r#"{"type":"offer","sdp":"v=0","requestId":"abc"}"#);
+    let reply = ws.recv();
+    assert_eq!(reply["code"], "not_joined");
+    assert_eq!(reply["requestId"], "abc");
+}
+
+#[test]
+fn room_full() {
+    let server = TestServer::start(&["--max-room-participants", "1"]);
+    let (_first, _) = Ws::join(&server.ws_url("small"), "small", "a");
+    let mut second = Ws::connect(&server.ws_url("small"));
+    second.send(r#"{"type":"join","sessionId":"small","userId":"b"}"#);
+    assert_eq!(second.recv()["code"], "room_full");
+    // Refused joins may be retried on the same socket: the first one leaves.
+    drop(_first);
+    let mut joined = false;
+    for _ in 0..50 {
+        second.send(r#"{"type":"join","sessionId":"small","userId":"b"}"#);
+        let reply = second.recv();
+        if reply["type"] == "joined" {
+            joined = true;
+            break;
+        }
+        assert_eq!(reply["code"], "room_full");
+    }
+    assert!(joined, "a place freed up when the first participant left");
+}
+
+#[test]
+fn rate_limited() {
+    let server = TestServer::start(&["--message-rate", "2"]);
+    let mut ws = Ws::connect(&server.ws_url("rate"));
+    // Burst is twice the rate: the fifth message in a row is refused.
+    for _ in 0..4 {
+        ws.send(r#"{"type":"ping"}"#);
+        assert_eq!(ws.recv()["type"], "pong");
+    }
+    ws.send(r#"{"type":"ping"}"#);
+    assert_eq!(ws.recv()["code"], "rate_limited");
+}
+
+#[test]
+fn oversize_message_closes_with_1009() {
+    let server = TestServer::start(&["--max-message-size", "1024"]);
+    let mut ws = Ws::connect(&server.ws_url("big"));
+    ws.send(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(4096)));
+    assert_eq!(ws.close_code(), 1009);
+}
+
+#[test]
+fn binary_frame_closes_with_1003() {
+    let server = TestServer::start(&[]);
+    let mut ws = Ws::connect(&server.ws_url("bin"));
+    ws.0.send(Message::binary(vec![1_u8, 2, 3])).expect("send");
+    assert_eq!(ws.close_code(), 1003);
+}
+
+fn upgrade_request(server: &TestServer, origin: Option<&str>) -> u16 {
+    let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+    server
+        .request(&format!(
+            "GET /ws?room=o HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{origin}\r\n",
+            server.addr
+        ))
+        .0
+}
+
+#[test]
+fn origin_allow_list() {
+    let server = TestServer::start(&[]);
+    assert_eq!(upgrade_request(&server, Some("http://evil.example")), 403);
+    let own = format!("http://127.0.0.1:{}", server.addr.port());
+    assert_eq!(upgrade_request(&server, Some(&own)), 101);
+    assert_eq!(upgrade_request(&server, Some("http://localhost:3000")), 101);
+    assert_eq!(upgrade_request(&server, None), 101, "non-browser clients are allowed");
+}
+
+#[test]
+fn connection_limit_gives_503() {
+    let server = TestServer::start(&["--max-connections", "2"]);
+    let mut a = Ws::connect(&server.ws_url("lim"));
+    let mut b = Ws::connect(&server.ws_url("lim"));
+    for ws in [&mut a, &mut b] {
+        ws.send(r#"{"type":"ping"}"#);
+        ws.recv_type("pong");
+    }
+    assert_eq!(upgrade_request(&server, None), 503);
+    drop(a);
+    // The slot frees once the server sees the close; poll for it.
+    let mut status = 503;
+    for _ in 0..100 {
+        status = upgrade_request(&server, None);
+        if status == 101 {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    assert_eq!(status, 101, "a freed slot is usable again");
+}

@@ -1,0 +1,173 @@
+//! Shared by the integration tests: a real corelay process on loopback, started with
+//! free ports and awaited through its readiness line, and a plain WebSocket client.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+pub struct TestServer {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl TestServer {
+    /// Starts `corelay` with `--shards 2` on ephemeral ports, candidates on 127.0.0.1.
+    pub fn start(extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corelay"))
+            .args([
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--udp-port-base",
+                "0",
+                "--shards",
+                "2",
+                "--public-ip",
+                "127.0.0.1",
+                "--log-level",
+                "warn",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start corelay");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read readiness line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("address");
+        Self { child, addr }
+    }
+
+    pub fn ws_url(&self, room: &str) -> String {
+        format!("ws://{}/ws?room={room}", self.addr)
+    }
+
+    /// A plain HTTP GET; returns (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        self.request(&format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr))
+    }
+
+    /// Sends a raw request; returns (status, body). Reads the head, then the body by
+    /// `Content-Length`, so an upgraded (101) connection does not hang the test.
+    pub fn request(&self, raw: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream.write_all(raw.as_bytes()).expect("write");
+        let mut reader = BufReader::new(stream);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).expect("status line");
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("header");
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).expect("body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub fn debug_rooms(&self) -> Value {
+        let (status, body) = self.get("/debug/rooms");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("rooms JSON")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A signaling-only client: enough for protocol tests that need no media.
+pub struct Ws(pub WebSocket<MaybeTlsStream<TcpStream>>);
+
+impl Ws {
+    pub fn connect(url: &str) -> Self {
+        let (ws, _) = tungstenite::connect(url).expect("websocket connect");
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        }
+        Self(ws)
+    }
+
+    pub fn send(&mut self, text: &str) {
+        self.0.send(Message::text(text)).expect("send");
+    }
+
+    /// The next text message as JSON (fails the test after 10 s of silence).
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.0.read().expect("read") {
+                Message::Text(t) => return serde_json::from_str(t.as_str()).expect("json"),
+                Message::Close(frame) => panic!("closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Skips messages until one of type `kind` arrives.
+    pub fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let msg = self.recv();
+            if msg["type"] == kind {
+                return msg;
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub fn close_code(&mut self) -> u16 {
+        loop {
+            match self.0.read() {
+                Ok(Message::Close(Some(frame))) => return u16::from(frame.code),
+                Ok(Message::Close(None)) => return 1005,
+                Ok(_) => continue,
+                Err(e) => panic!("no close frame: {e}"),
+            }
+        }
+    }
+
+    pub fn join(url: &str, room: &str, user: &str) -> (Self, Value) {
+        let mut ws = Self::connect(url);
+        ws.send(&format!(
+            r#"{{"type":"join","sessionId":"{room}","userId":"{user}"}}"#
+        ));
+        let joined = ws.recv();
+        assert_eq!(joined["type"], "joined", "{joined}");
+        (ws, joined)
+    }
+}
