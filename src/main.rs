@@ -1,5 +1,7 @@
 //! `corelay`: parse the configuration, start the shards, print where we listen.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use corelay::config::{Config, LogFormat};
 use corelay::server::Server;
@@ -10,6 +12,7 @@ fn main() -> std::process::ExitCode {
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => logs.json().init(),

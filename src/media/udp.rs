@@ -126,6 +126,12 @@ impl SendQueue {
         self.pending.is_empty()
     }
 
+    /// Takes the queued datagrams without a socket: for in-memory drivers (the
+    /// benchmark) that deliver them themselves.
+    pub fn drain(&mut self) -> impl Iterator<Item = Transmit> + '_ {
+        self.pending.drain(..)
+    }
+
     /// Sends everything queued; returns (datagrams, bytes) handed to the kernel.
     pub fn flush(&mut self, fd: RawFd) -> (u64, u64) {
         let (mut sent, mut bytes) = (0_u64, 0_u64);

@@ -241,7 +241,17 @@ impl Sfu {
                 self.track_added(key.0, added.mid, added.kind);
             }
             (Side::Publisher, Event::MediaChanged(changed)) => {
-                if !changed.direction.is_receiving() {
+                if changed.direction.is_receiving() {
+                    // A slot set inactive earlier and now sending again.
+                    let kind = self
+                        .peers
+                        .get(&key.0)
+                        .and_then(|p| p.publisher.rtc.media(changed.mid))
+                        .map(|m| m.kind());
+                    if let Some(kind) = kind {
+                        self.track_added(key.0, changed.mid, kind);
+                    }
+                } else {
                     self.track_removed(now, (key.0, changed.mid));
                 }
             }

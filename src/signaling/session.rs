@@ -14,7 +14,7 @@ use futures::{stream, StreamExt};
 use glommio::net::TcpStream;
 use tracing::{debug, info_span, Instrument};
 
-use super::protocol::{self, ClientMsg, ErrorCode, Refusal, ServerMsg};
+use super::protocol::{self, ClientMsg, ErrorCode, Refusal, Request, ServerMsg};
 use super::{Hub, Outbound};
 use crate::shard::messages::{ConnId, ToShard};
 use crate::shard::shard_for;
@@ -156,17 +156,20 @@ impl Session {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Some(protocol::error_text(&refusal, request_id))
         };
+        // Every frame counts against the rate, well-formed or not.
+        let allowed = self.limit.allow(Instant::now());
         let request = match protocol::parse(text) {
+            Ok(request) if allowed => request,
+            Ok(Request { request_id, .. }) | Err((request_id, _)) if !allowed => {
+                return refuse(
+                    Refusal::new(ErrorCode::RateLimited, "too many messages; slow down"),
+                    request_id.as_deref(),
+                );
+            }
             Ok(request) => request,
             Err((request_id, refusal)) => return refuse(refusal, request_id.as_deref()),
         };
         let request_id = request.request_id;
-        if !self.limit.allow(Instant::now()) {
-            return refuse(
-                Refusal::new(ErrorCode::RateLimited, "too many messages; slow down"),
-                request_id.as_deref(),
-            );
-        }
         let (shard, msg) = match request.msg {
             ClientMsg::Ping => {
                 return Some(

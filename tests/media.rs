@@ -1,0 +1,193 @@
+//! The core promise, end to end on loopback with real str0m peers: everyone in a room
+//! receives everyone else's audio and video (never their own), each track labelled with
+//! its publisher, and departures (clean or abrupt) renegotiate the rest.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{TestServer, Ws};
+use corelay_loadtest::{Client, ClientConfig, ClientStats, MediaKind};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn publisher(server: &TestServer, room: &str, user: &str) -> Client {
+    let config = ClientConfig {
+        publish_audio: true,
+        publish_video: true,
+        ..ClientConfig::new(server.addr, room, user)
+    };
+    Client::connect(config).unwrap_or_else(|e| panic!("{user} could not join: {e:?}"))
+}
+
+/// True when `stats` holds flowing audio and video (with a keyframe) from each of `from`.
+fn receives_from(stats: &ClientStats, from: &[&str]) -> bool {
+    from.iter().all(|peer| {
+        let audio = stats.track(peer, MediaKind::Audio);
+        let video = stats.track(peer, MediaKind::Video);
+        audio.is_some_and(|t| t.received >= 25 && t.bytes > 0)
+            && video.is_some_and(|t| t.received >= 25 && t.keyframes >= 1)
+    })
+}
+
+/// The publishers named by the active `msid`s of the latest subscriber offer.
+fn offered_publishers(stats: &ClientStats) -> BTreeSet<String> {
+    stats.active_msids().into_iter().map(|(stream, _)| stream).collect()
+}
+
+fn set(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn three_peers_exchange_media_and_departures_renegotiate() {
+    let server = TestServer::start(&[]);
+    let clients: Vec<Client> = ["ann", "bob", "cat"]
+        .iter()
+        .map(|user| publisher(&server, "trio", user))
+        .collect();
+    let ids: Vec<String> = clients.iter().map(|c| c.peer_id().to_owned()).collect();
+
+    for (i, client) in clients.iter().enumerate() {
+        let others: Vec<&str> = ids
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, id)| id.as_str())
+            .collect();
+        let stats = client
+            .wait_for(WAIT, |s| receives_from(s, &others))
+            .unwrap_or_else(|e| panic!("{} got no media from {others:?}: {e:?}", ids[i]));
+        assert!(
+            stats.tracks_from(&ids[i]).next().is_none(),
+            "a participant never receives its own tracks"
+        );
+        assert_eq!(offered_publishers(&stats), set(&others));
+        // Each forwarded msid is <publisher peerId> <publisher's own track id>.
+        for (j, other) in clients.iter().enumerate().filter(|(j, _)| *j != i) {
+            for track in other.snapshot().published {
+                assert!(
+                    stats
+                        .active_msids()
+                        .contains(&(ids[j].clone(), track.track_id.clone())),
+                    "msid for {}'s {:?} track",
+                    ids[j],
+                    track.kind
+                );
+            }
+        }
+        for kind in [MediaKind::Audio, MediaKind::Video] {
+            for other in &others {
+                let track = stats.track(other, kind).expect("track");
+                assert_eq!(track.lost, 0, "no loss on loopback: {track:?}");
+            }
+        }
+        assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+    }
+
+    // A clean leave: the others hear peer_left and get an offer without its tracks.
+    let mut clients = clients.into_iter();
+    let (ann, bob, cat) = (
+        clients.next().expect("ann"),
+        clients.next().expect("bob"),
+        clients.next().expect("cat"),
+    );
+    cat.leave(WAIT).expect("leave closes with 1000");
+    for client in [&ann, &bob] {
+        client
+            .wait_for(WAIT, |s| {
+                s.peers_left.contains(&ids[2]) && !offered_publishers(s).contains(&ids[2])
+            })
+            .expect("peer_left and a renegotiated offer after leave");
+    }
+
+    // An abrupt disconnect (no leave, socket dropped) does the same.
+    let before = ann.snapshot().subscriber_offers;
+    bob.abort();
+    let stats = ann
+        .wait_for(WAIT, |s| {
+            s.peers_left.contains(&ids[1])
+                && s.subscriber_offers > before
+                && offered_publishers(s).is_empty()
+        })
+        .expect("peer_left and a renegotiated offer after a dropped socket");
+    assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+}
+
+#[test]
+fn late_joiner_gets_a_keyframe_quickly() {
+    let server = TestServer::start(&[]);
+    // A long keyframe interval: only the server's PLI on the newcomer's behalf can
+    // produce a keyframe within the wait below.
+    let config = ClientConfig {
+        publish_audio: true,
+        publish_video: true,
+        keyframe_interval: Duration::from_secs(60),
+        ..ClientConfig::new(server.addr, "late", "early")
+    };
+    let early = Client::connect(config).expect("join");
+    let watcher = publisher(&server, "late", "watcher");
+    watcher
+        .wait_for(WAIT, |s| receives_from(s, &[early.peer_id()]))
+        .expect("first watcher decodes");
+    let before = early.snapshot().keyframe_requests;
+    let late = publisher(&server, "late", "late");
+    let stats = late
+        .wait_for(Duration::from_secs(1), |s| {
+            s.track(early.peer_id(), MediaKind::Video)
+                .is_some_and(|t| t.keyframes >= 1)
+        })
+        .expect("a keyframe within one second of joining");
+    assert!(early.snapshot().keyframe_requests > before, "the server asked");
+    assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+}
+
+#[test]
+fn garbage_flood_does_not_disturb_a_room() {
+    let server = TestServer::start(&[]);
+    let a = publisher(&server, "calm", "a");
+    let b = publisher(&server, "calm", "b");
+    let base = b
+        .wait_for(WAIT, |s| receives_from(s, &[a.peer_id()]))
+        .expect("media flows");
+    let before = base.track(a.peer_id(), MediaKind::Video).map_or(0, |t| t.received);
+
+    // The flooder shares the room and the shard.
+    let (mut flooder, _) = Ws::join(&server.ws_url("calm"), "calm", "flooder");
+    let garbage = [
+        "{",
+        "null",
+        r#"{"type":"offer","sdp":"v=0 garbage"}"#,
+        r#"{"type":"answer","sdp":"nope"}"#,
+        r#"{"type":"candidate","candidate":"candidate:1 1 udp x y z"}"#,
+        r#"{"type":"media_state","speaking":42}"#,
+        r#"{"type":"\u0000"}"#,
+    ];
+    const FLOOD: usize = 500;
+    for i in 0..FLOOD {
+        flooder.send(garbage[i % garbage.len()]);
+    }
+    // Exactly one error per refused message, and the flooder is throttled.
+    let mut codes = BTreeSet::new();
+    for _ in 0..FLOOD {
+        // Room traffic (peer_joined, offers) interleaves; only errors answer the flood.
+        let reply = flooder.recv_type("error");
+        codes.insert(reply["code"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(codes.contains("bad_json") && codes.contains("rate_limited"), "{codes:?}");
+
+    let stats = b
+        .wait_for(WAIT, |s| {
+            s.track(a.peer_id(), MediaKind::Video)
+                .is_some_and(|t| t.received > before + 60)
+        })
+        .expect("media keeps flowing during and after the flood");
+    let video = stats.track(a.peer_id(), MediaKind::Video).expect("video");
+    assert_eq!(video.lost, 0, "{video:?}");
+    for client in [&a, &b] {
+        let s = client.snapshot();
+        assert!(s.errors.is_empty(), "bystanders see no errors: {:?}", s.errors);
+        assert!(s.violations.is_empty(), "{:?}", s.violations);
+    }
+}
