@@ -41,14 +41,24 @@ impl Server {
             // SAFETY: the fd is a bound listener whose ownership moved into this closure.
             let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
             let metrics = Arc::new(AcceptMetrics::default());
-            let hub = Rc::new(Hub::new(accept_config, accept_handles, metrics, http_addr.port()));
+            let hub = Rc::new(Hub::new(
+                accept_config,
+                accept_handles,
+                metrics,
+                http_addr.port(),
+            ));
             glommio::spawn_local(hub.clone().dispatch(accept_inbox)).detach();
             glommio::spawn_local(crate::http::serve(listener, hub)).detach();
         }));
 
         let mut executors = Vec::with_capacity(prepared.len());
         for shard in prepared {
-            executors.push(shard::start(shard, &config, to_accept.clone(), accept.take())?);
+            executors.push(shard::start(
+                shard,
+                &config,
+                to_accept.clone(),
+                accept.take(),
+            )?);
         }
         let udp_addrs = handles.iter().map(|h| h.udp_addr).collect();
         info!(%http_addr, ?udp_addrs, candidates = ?config.candidate_ips(), "corelay started");

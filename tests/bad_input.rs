@@ -45,7 +45,11 @@ fn every_client_error_code() {
         (false, &["[1,2]"], "bad_json"),
         (false, &[r#"{"type":"teleport"}"#], "unknown_type"),
         (false, &[r#"{"sessionId":"x"}"#], "invalid_field"),
-        (false, &[r#"{"type":"join","sessionId":"bad-invalid_field"}"#], "invalid_field"),
+        (
+            false,
+            &[r#"{"type":"join","sessionId":"bad-invalid_field"}"#],
+            "invalid_field",
+        ),
         (false, &[&long_request_id], "invalid_field"),
         (false, &[r#"{"type":"offer","sdp":"v=0"}"#], "not_joined"),
         (false, &[r#"{"type":"leave"}"#], "not_joined"),
@@ -60,8 +64,16 @@ fn every_client_error_code() {
             "already_joined",
         ),
         (true, &[&too_many_tracks], "too_many_tracks"),
-        (true, &[r#"{"type":"offer","sdp":"hello"}"#], "negotiation_failed"),
-        (true, &[r#"{"type":"answer","sdp":"v=0"}"#], "negotiation_failed"),
+        (
+            true,
+            &[r#"{"type":"offer","sdp":"hello"}"#],
+            "negotiation_failed",
+        ),
+        (
+            true,
+            &[r#"{"type":"answer","sdp":"v=0"}"#],
+            "negotiation_failed",
+        ),
         (
             true,
             &[r#"{"type":"candidate","candidate":"candidate:nonsense"}"#],
@@ -127,7 +139,10 @@ fn rate_limited() {
 fn oversize_message_closes_with_1009() {
     let server = TestServer::start(&["--max-message-size", "1024"]);
     let mut ws = Ws::connect(&server.ws_url("big"));
-    ws.send(&format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(4096)));
+    ws.send(&format!(
+        r#"{{"type":"ping","pad":"{}"}}"#,
+        "x".repeat(4096)
+    ));
     assert_eq!(ws.close_code(), 1009);
 }
 
@@ -140,7 +155,9 @@ fn binary_frame_closes_with_1003() {
 }
 
 fn upgrade_request(server: &TestServer, origin: Option<&str>) -> u16 {
-    let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+    let origin = origin
+        .map(|o| format!("Origin: {o}\r\n"))
+        .unwrap_or_default();
     server
         .request(&format!(
             "GET /ws?room=o HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{origin}\r\n",
@@ -156,7 +173,11 @@ fn origin_allow_list() {
     let own = format!("http://127.0.0.1:{}", server.addr.port());
     assert_eq!(upgrade_request(&server, Some(&own)), 101);
     assert_eq!(upgrade_request(&server, Some("http://localhost:3000")), 101);
-    assert_eq!(upgrade_request(&server, None), 101, "non-browser clients are allowed");
+    assert_eq!(
+        upgrade_request(&server, None),
+        101,
+        "non-browser clients are allowed"
+    );
 }
 
 #[test]

@@ -33,7 +33,11 @@ fn receives_from(stats: &ClientStats, from: &[&str]) -> bool {
 
 /// The publishers named by the active `msid`s of the latest subscriber offer.
 fn offered_publishers(stats: &ClientStats) -> BTreeSet<String> {
-    stats.active_msids().into_iter().map(|(stream, _)| stream).collect()
+    stats
+        .active_msids()
+        .into_iter()
+        .map(|(stream, _)| stream)
+        .collect()
 }
 
 fn set(ids: &[&str]) -> BTreeSet<String> {
@@ -139,7 +143,10 @@ fn late_joiner_gets_a_keyframe_quickly() {
                 .is_some_and(|t| t.keyframes >= 1)
         })
         .expect("a keyframe within one second of joining");
-    assert!(early.snapshot().keyframe_requests > before, "the server asked");
+    assert!(
+        early.snapshot().keyframe_requests > before,
+        "the server asked"
+    );
     assert!(stats.violations.is_empty(), "{:?}", stats.violations);
 }
 
@@ -151,7 +158,9 @@ fn garbage_flood_does_not_disturb_a_room() {
     let base = b
         .wait_for(WAIT, |s| receives_from(s, &[a.peer_id()]))
         .expect("media flows");
-    let before = base.track(a.peer_id(), MediaKind::Video).map_or(0, |t| t.received);
+    let before = base
+        .track(a.peer_id(), MediaKind::Video)
+        .map_or(0, |t| t.received);
 
     // The flooder shares the room and the shard.
     let (mut flooder, _) = Ws::join(&server.ws_url("calm"), "calm", "flooder");
@@ -175,7 +184,10 @@ fn garbage_flood_does_not_disturb_a_room() {
         let reply = flooder.recv_type("error");
         codes.insert(reply["code"].as_str().unwrap_or_default().to_owned());
     }
-    assert!(codes.contains("bad_json") && codes.contains("rate_limited"), "{codes:?}");
+    assert!(
+        codes.contains("bad_json") && codes.contains("rate_limited"),
+        "{codes:?}"
+    );
 
     let stats = b
         .wait_for(WAIT, |s| {
@@ -187,7 +199,11 @@ fn garbage_flood_does_not_disturb_a_room() {
     assert_eq!(video.lost, 0, "{video:?}");
     for client in [&a, &b] {
         let s = client.snapshot();
-        assert!(s.errors.is_empty(), "bystanders see no errors: {:?}", s.errors);
+        assert!(
+            s.errors.is_empty(),
+            "bystanders see no errors: {:?}",
+            s.errors
+        );
         assert!(s.violations.is_empty(), "{:?}", s.violations);
     }
 }

@@ -9,9 +9,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use async_tungstenite::WebSocketStream;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use serde_json::json;
@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use crate::metrics;
 use crate::shard::messages::ToShard;
-use crate::signaling::{session, Hub};
+use crate::signaling::{Hub, session};
 
 const DEMO_PAGE: &str = include_str!("demo.html");
 const MAX_HEAD: usize = 16 * 1024;
@@ -75,14 +75,24 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
     match (req.method.unwrap_or(""), path) {
         ("GET", "/ws") => {
             let Some(key) = header("sec-websocket-key") else {
-                let _ = respond(&mut stream, 400, "text/plain", b"expected a WebSocket upgrade\n").await;
+                let _ = respond(
+                    &mut stream,
+                    400,
+                    "text/plain",
+                    b"expected a WebSocket upgrade\n",
+                )
+                .await;
                 return;
             };
-            if let Some(origin) = header("origin") {
-                if !hub.config.allowed_origins(hub.port).iter().any(|o| o == origin) {
-                    let _ = respond(&mut stream, 403, "text/plain", b"origin not allowed\n").await;
-                    return;
-                }
+            if let Some(origin) = header("origin")
+                && !hub
+                    .config
+                    .allowed_origins(hub.port)
+                    .iter()
+                    .any(|o| o == origin)
+            {
+                let _ = respond(&mut stream, 403, "text/plain", b"origin not allowed\n").await;
+                return;
             }
             let accept = derive_accept_key(key.as_bytes());
             let room = query_param(query, "room");
@@ -106,7 +116,13 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
         ("GET", "/metrics") => {
             let shards: Vec<_> = hub.shards.iter().map(|s| s.metrics.clone()).collect();
             let body = metrics::render(&shards, &hub.metrics);
-            let _ = respond(&mut stream, 200, "text/plain; version=0.0.4", body.as_bytes()).await;
+            let _ = respond(
+                &mut stream,
+                200,
+                "text/plain; version=0.0.4",
+                body.as_bytes(),
+            )
+            .await;
         }
         ("GET", "/client/capabilities") => {
             let body = capabilities(hub, header("host")).to_string();
@@ -125,7 +141,13 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
             let _ = respond(&mut stream, 200, "application/json", body.as_bytes()).await;
         }
         ("GET", "/") => {
-            let _ = respond(&mut stream, 200, "text/html; charset=utf-8", DEMO_PAGE.as_bytes()).await;
+            let _ = respond(
+                &mut stream,
+                200,
+                "text/html; charset=utf-8",
+                DEMO_PAGE.as_bytes(),
+            )
+            .await;
         }
         _ => {
             let _ = respond(&mut stream, 404, "text/plain", b"not found\n").await;
@@ -211,7 +233,11 @@ async fn debug_rooms(hub: &Hub) -> serde_json::Value {
     let mut unanswered = Vec::new();
     for shard in &hub.shards {
         let (tx, rx) = futures::channel::oneshot::channel();
-        if shard.mailbox.try_send(ToShard::Snapshot { reply: tx }).is_err() {
+        if shard
+            .mailbox
+            .try_send(ToShard::Snapshot { reply: tx })
+            .is_err()
+        {
             unanswered.push(shard.index);
             continue;
         }
@@ -231,7 +257,10 @@ mod tests {
 
     #[test]
     fn query_params_are_decoded() {
-        assert_eq!(query_param("room=a%20b&x=1", "room").as_deref(), Some("a b"));
+        assert_eq!(
+            query_param("room=a%20b&x=1", "room").as_deref(),
+            Some("a b")
+        );
         assert_eq!(query_param("x=1", "room"), None);
         assert_eq!(query_param("room=100%", "room").as_deref(), Some("100%"));
         assert_eq!(query_param("room=a+b", "room").as_deref(), Some("a b"));

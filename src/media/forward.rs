@@ -131,7 +131,9 @@ fn h264_keyframe_start(p: &[u8]) -> bool {
             }
             false
         }
-        FU_A => p.get(1).is_some_and(|fu| fu & 0x80 != 0 && fu & 0x1f == IDR),
+        FU_A => p
+            .get(1)
+            .is_some_and(|fu| fu & 0x80 != 0 && fu & 0x1f == IDR),
         _ => false,
     }
 }
@@ -144,8 +146,14 @@ mod tests {
     fn video_waits_for_a_keyframe_then_rebases() {
         let mut rw = Rewriter::new([(96, 100)], true);
         assert_eq!(rw.rewrite(96, 5000, false), None, "delta before keyframe");
-        assert_eq!(rw.rewrite(96, 5001, true), Some(Rewritten { pt: 100, seq: 1 }));
-        assert_eq!(rw.rewrite(96, 5002, false), Some(Rewritten { pt: 100, seq: 2 }));
+        assert_eq!(
+            rw.rewrite(96, 5001, true),
+            Some(Rewritten { pt: 100, seq: 1 })
+        );
+        assert_eq!(
+            rw.rewrite(96, 5002, false),
+            Some(Rewritten { pt: 100, seq: 2 })
+        );
         assert_eq!(rw.rewrite(96, 5000, false), None, "older than the start");
         assert_eq!(rw.rewrite(97, 5003, false), None, "unmapped payload type");
     }
@@ -153,25 +161,42 @@ mod tests {
     #[test]
     fn audio_starts_at_once() {
         let mut rw = Rewriter::new([(111, 111)], false);
-        assert_eq!(rw.rewrite(111, 70_000, false), Some(Rewritten { pt: 111, seq: 1 }));
-        assert_eq!(rw.rewrite(111, 70_010, false), Some(Rewritten { pt: 111, seq: 11 }));
+        assert_eq!(
+            rw.rewrite(111, 70_000, false),
+            Some(Rewritten { pt: 111, seq: 1 })
+        );
+        assert_eq!(
+            rw.rewrite(111, 70_010, false),
+            Some(Rewritten { pt: 111, seq: 11 })
+        );
     }
 
     #[test]
     fn vp8_descriptor_forms() {
         // S=1, PID=0, no extension; frame tag P=0 → keyframe.
         assert!(vp8_keyframe_start(&[0x10, 0x00, 0x9d]));
-        assert!(!vp8_keyframe_start(&[0x10, 0x01, 0x9d]), "P=1 is a delta frame");
-        assert!(!vp8_keyframe_start(&[0x00, 0x00]), "not the start of a partition");
+        assert!(
+            !vp8_keyframe_start(&[0x10, 0x01, 0x9d]),
+            "P=1 is a delta frame"
+        );
+        assert!(
+            !vp8_keyframe_start(&[0x00, 0x00]),
+            "not the start of a partition"
+        );
         // X=1, I=1 with a 15-bit picture id, L=1, T=1, then the tag.
-        assert!(vp8_keyframe_start(&[0x90, 0xe0, 0x80, 0x01, 0x02, 0x03, 0x00]));
+        assert!(vp8_keyframe_start(&[
+            0x90, 0xe0, 0x80, 0x01, 0x02, 0x03, 0x00
+        ]));
         assert!(!vp8_keyframe_start(&[0x90, 0xe0, 0x80]), "truncated");
     }
 
     #[test]
     fn h264_and_vp9_forms() {
         assert!(h264_keyframe_start(&[0x65, 0x88]));
-        assert!(h264_keyframe_start(&[0x78, 0x00, 0x02, 0x67, 0x42]), "STAP-A with SPS");
+        assert!(
+            h264_keyframe_start(&[0x78, 0x00, 0x02, 0x67, 0x42]),
+            "STAP-A with SPS"
+        );
         assert!(h264_keyframe_start(&[0x7c, 0x85]), "FU-A start of an IDR");
         assert!(!h264_keyframe_start(&[0x7c, 0x05]), "FU-A continuation");
         assert!(!h264_keyframe_start(&[0x41]), "non-IDR slice");

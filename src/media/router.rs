@@ -49,10 +49,10 @@ impl<K: Copy + Eq + Hash> Router<K> {
     pub fn route(&mut self, source: SocketAddr, datagram: &[u8]) -> Option<K> {
         // RFC 7983: STUN's first byte is 0..=3. STUN is routed by ufrag even from a
         // known address, so an ICE restart or a second candidate finds its way.
-        if datagram.first().is_some_and(|b| *b < 4) {
-            if let Some(key) = self.route_stun(source, datagram) {
-                return Some(key);
-            }
+        if datagram.first().is_some_and(|b| *b < 4)
+            && let Some(key) = self.route_stun(source, datagram)
+        {
+            return Some(key);
         }
         self.by_addr.get(&source).copied()
     }
@@ -86,7 +86,8 @@ mod tests {
     fn binding_request(username: &str) -> Vec<u8> {
         let msg = StunMessage::binding_request(username, TransId::new(), true, 0, 1, false);
         let mut buf = vec![0_u8; 512];
-        let n = msg.to_bytes(Some(b"password"), &mut buf, |_, _| [0; 20])
+        let n = msg
+            .to_bytes(Some(b"password"), &mut buf, |_, _| [0; 20])
             .expect("serialize");
         buf.truncate(n);
         buf
@@ -109,7 +110,11 @@ mod tests {
         assert_eq!(router.route(a, &binding_request("nobody:cli")), Some(2));
 
         router.remove("srv2", 2);
-        assert_eq!(router.route(a, &srtp), None, "forgotten with its connection");
+        assert_eq!(
+            router.route(a, &srtp),
+            None,
+            "forgotten with its connection"
+        );
         assert_eq!(router.route(b, &srtp), Some(1));
     }
 }

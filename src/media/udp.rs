@@ -319,8 +319,7 @@ mod tests {
         batch.set_first(n, tx.local_addr().unwrap());
         // The two others are already queued on loopback once send_to returned.
         batch.drain_more(rx.as_raw_fd());
-        let got: Vec<(SocketAddr, Vec<u8>)> =
-            batch.iter().map(|(a, b)| (a, b.to_vec())).collect();
+        let got: Vec<(SocketAddr, Vec<u8>)> = batch.iter().map(|(a, b)| (a, b.to_vec())).collect();
         assert_eq!(got.len(), 3);
         assert!(got.iter().all(|(a, _)| *a == tx.local_addr().unwrap()));
         assert_eq!(got[2].1, vec![2; 10]);

@@ -14,14 +14,14 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use str0m::Input;
 use str0m::media::{KeyframeRequestKind, MediaKind};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite};
-use str0m::Input;
 use tracing::debug;
 
-use super::room::{Side, TrackKey};
 use super::Sfu;
+use super::room::{Side, TrackKey};
 use crate::config::KEYFRAME_REQUEST_INTERVAL;
 use crate::media::forward::is_keyframe_start;
 use crate::media::rtc::codec_of;
@@ -49,7 +49,11 @@ impl Sfu {
             let Some(p) = self.peers.get_mut(&key.0) else {
                 continue;
             };
-            if let Err(e) = p.leg_mut(key.1).rtc.handle_input(Input::Receive(now, receive)) {
+            if let Err(e) = p
+                .leg_mut(key.1)
+                .rtc
+                .handle_input(Input::Receive(now, receive))
+            {
                 debug!(conn = key.0, error = %e, "rtc refused a datagram");
                 continue;
             }
@@ -103,8 +107,7 @@ impl Sfu {
                 codec
             }
         };
-        let keyframe =
-            track.kind == MediaKind::Video && is_keyframe_start(codec, &packet.payload);
+        let keyframe = track.kind == MediaKind::Video && is_keyframe_start(codec, &packet.payload);
         // The fan-out list is borrowed out of the track while subscribers are written.
         let fanout = std::mem::take(&mut track.fanout);
         let track_key: TrackKey = (publisher, mid);

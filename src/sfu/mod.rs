@@ -213,8 +213,7 @@ impl Sfu {
                     reason: "media connection failed",
                 });
             }
-            if self.forward_queue.is_empty() && self.touched.is_empty() && self.events.is_empty()
-            {
+            if self.forward_queue.is_empty() && self.touched.is_empty() && self.events.is_empty() {
                 break;
             }
         }
@@ -232,10 +231,9 @@ impl Sfu {
                     self.request_keyframes_for(now, key.0);
                 }
             }
-            (_, Event::IceConnectionStateChange(state)) => {
-                if state == str0m::IceConnectionState::Disconnected {
-                    self.doomed.push((key.0, "ice disconnected"));
-                }
+            (_, Event::IceConnectionStateChange(str0m::IceConnectionState::Disconnected)) => {
+                // ICE consent expired: the client is gone without a word.
+                self.doomed.push((key.0, "ice disconnected"));
             }
             (Side::Publisher, Event::MediaAdded(added)) => {
                 self.track_added(key.0, added.mid, added.kind);

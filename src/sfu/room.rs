@@ -4,10 +4,10 @@
 use std::time::Instant;
 
 use hashbrown::HashMap;
-use str0m::format::Codec;
-use str0m::media::{MediaKind, Mid};
 use str0m::Rtc;
 use str0m::change::SdpPendingOffer;
+use str0m::format::Codec;
+use str0m::media::{MediaKind, Mid};
 
 use crate::media::forward::Rewriter;
 use crate::shard::messages::ConnId;

@@ -7,24 +7,24 @@
 use std::time::Instant;
 
 use hashbrown::HashMap;
+use str0m::Candidate;
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::media::{Direction, MediaKind, Mid};
-use str0m::Candidate;
 use tracing::{debug, info, info_span};
 
-use super::room::{
-    kind_str, Leg, Negotiation, Participant, PendingOffer, PublishedTrack, Room, Side, Source,
-    Subscription, TrackKey,
-};
 use super::Sfu;
-use crate::media::forward::Rewriter;
-use crate::media::rtc::{codec_of, pt_for, Role};
+use super::room::{
+    Leg, Negotiation, Participant, PendingOffer, PublishedTrack, Room, Side, Source, Subscription,
+    TrackKey, kind_str,
+};
 use crate::config::RESEND_WINDOW;
+use crate::media::forward::Rewriter;
+use crate::media::rtc::{Role, codec_of, pt_for};
 use crate::shard::messages::{
     ConnId, ParticipantSnapshot, RoomSnapshot, ToAccept, ToShard, TrackSnapshot,
 };
 use crate::signaling::protocol::{
-    error_text, ErrorCode, Join, MediaState, Refusal, ServerMsg, Signal, Target,
+    ErrorCode, Join, MediaState, Refusal, ServerMsg, Signal, Target, error_text,
 };
 
 /// Resend buffer cap in packets; `RESEND_WINDOW` bounds it by time first.
@@ -93,17 +93,26 @@ impl Sfu {
         join: Join,
     ) -> Result<(), Refusal> {
         if self.peers.contains_key(&conn) {
-            return Err(Refusal::new(ErrorCode::AlreadyJoined, "this socket already joined a room"));
+            return Err(Refusal::new(
+                ErrorCode::AlreadyJoined,
+                "this socket already joined a room",
+            ));
         }
         match self.rooms.get(&join.session_id) {
             Some(room) if room.members.len() >= self.limits.room_participants => {
                 return Err(Refusal::new(
                     ErrorCode::RoomFull,
-                    format!("room is full ({} participants)", self.limits.room_participants),
+                    format!(
+                        "room is full ({} participants)",
+                        self.limits.room_participants
+                    ),
                 ));
             }
             None if self.rooms.len() >= self.limits.rooms => {
-                return Err(Refusal::new(ErrorCode::RoomFull, "this server hosts no more rooms"));
+                return Err(Refusal::new(
+                    ErrorCode::RoomFull,
+                    "this server hosts no more rooms",
+                ));
             }
             _ => {}
         }
@@ -122,8 +131,10 @@ impl Sfu {
         };
         let publisher = leg(Role::Publisher);
         let subscriber = leg(Role::Subscriber);
-        self.router.insert(publisher.ufrag.clone(), (conn, Side::Publisher));
-        self.router.insert(subscriber.ufrag.clone(), (conn, Side::Subscriber));
+        self.router
+            .insert(publisher.ufrag.clone(), (conn, Side::Publisher));
+        self.router
+            .insert(subscriber.ufrag.clone(), (conn, Side::Subscriber));
         let participant = Participant {
             conn,
             peer_id: peer_id.clone(),
@@ -164,7 +175,9 @@ impl Sfu {
         // Replay who is here and what they publish, then announce the newcomer.
         let mut replay = Vec::new();
         for other in &existing {
-            let Some(o) = self.peers.get(other) else { continue };
+            let Some(o) = self.peers.get(other) else {
+                continue;
+            };
             replay.push(
                 ServerMsg::PeerJoined {
                     peer_id: &o.peer_id,
@@ -267,17 +280,17 @@ impl Sfu {
             ));
         }
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| {
-            Refusal::new(ErrorCode::NegotiationFailed, format!("unreadable offer: {e}"))
+            Refusal::new(
+                ErrorCode::NegotiationFailed,
+                format!("unreadable offer: {e}"),
+            )
         })?;
         let Some(p) = self.peers.get_mut(&conn) else {
             return Ok(());
         };
-        let answer = p
-            .publisher
-            .rtc
-            .sdp_api()
-            .accept_offer(offer)
-            .map_err(|e| Refusal::new(ErrorCode::NegotiationFailed, format!("offer refused: {e}")))?;
+        let answer = p.publisher.rtc.sdp_api().accept_offer(offer).map_err(|e| {
+            Refusal::new(ErrorCode::NegotiationFailed, format!("offer refused: {e}"))
+        })?;
         let answer = answer.to_sdp_string();
         debug!(conn, sdp = %answer, "publisher answer");
         self.send(
@@ -352,11 +365,11 @@ impl Sfu {
         .to_text();
         let session_id = p.session_id.clone();
         for subscriber in &track.fanout {
-            if let Some(s) = self.peers.get_mut(subscriber) {
-                if let Some(sub) = s.subscriptions.remove(&(conn, mid)) {
-                    s.subscribed_mids.remove(&sub.mid);
-                    s.negotiation.retired.push(sub.mid);
-                }
+            if let Some(s) = self.peers.get_mut(subscriber)
+                && let Some(sub) = s.subscriptions.remove(&(conn, mid))
+            {
+                s.subscribed_mids.remove(&sub.mid);
+                s.negotiation.retired.push(sub.mid);
             }
         }
         self.broadcast(&session_id, conn, &text);
@@ -397,10 +410,17 @@ impl Sfu {
             if other == conn {
                 continue;
             }
-            let Some(o) = self.peers.get(&other) else { continue };
+            let Some(o) = self.peers.get(&other) else {
+                continue;
+            };
             for (mid, track) in &o.tracks {
                 if !p.subscriptions.contains_key(&(other, *mid)) {
-                    wanted.push(((other, *mid), track.kind, o.peer_id.clone(), track.track_id.clone()));
+                    wanted.push((
+                        (other, *mid),
+                        track.kind,
+                        o.peer_id.clone(),
+                        track.track_id.clone(),
+                    ));
                 }
             }
         }
@@ -414,7 +434,13 @@ impl Sfu {
         let mut api = p.subscriber.rtc.sdp_api();
         let mut added = Vec::new();
         for (key, kind, peer_id, track_id) in wanted {
-            let mid = api.add_media(kind, Direction::SendOnly, Some(peer_id), Some(track_id), None);
+            let mid = api.add_media(
+                kind,
+                Direction::SendOnly,
+                Some(peer_id),
+                Some(track_id),
+                None,
+            );
             added.push((key, mid));
         }
         for mid in retired {
@@ -444,15 +470,13 @@ impl Sfu {
             ));
         };
         let answer = SdpAnswer::from_sdp_string(sdp);
-        let accepted = answer
-            .map_err(|e| e.to_string())
-            .and_then(|a| {
-                p.subscriber
-                    .rtc
-                    .sdp_api()
-                    .accept_answer(pending.offer, a)
-                    .map_err(|e| e.to_string())
-            });
+        let accepted = answer.map_err(|e| e.to_string()).and_then(|a| {
+            p.subscriber
+                .rtc
+                .sdp_api()
+                .accept_answer(pending.offer, a)
+                .map_err(|e| e.to_string())
+        });
         if let Err(e) = accepted {
             // The offer is spent either way; offer again on the next change.
             p.negotiation.dirty = true;
@@ -529,8 +553,10 @@ impl Sfu {
             return;
         };
         info!(shard = self.shard, room = %p.session_id, peer = %p.peer_id, why, "participant left");
-        self.router.remove(&p.publisher.ufrag, (conn, Side::Publisher));
-        self.router.remove(&p.subscriber.ufrag, (conn, Side::Subscriber));
+        self.router
+            .remove(&p.publisher.ufrag, (conn, Side::Publisher));
+        self.router
+            .remove(&p.subscriber.ufrag, (conn, Side::Subscriber));
         p.publisher.rtc.disconnect();
         p.subscriber.rtc.disconnect();
         // Stop forwarding to it.
@@ -543,7 +569,10 @@ impl Sfu {
                 track.fanout.retain(|c| *c != conn);
             }
         }
-        let left = ServerMsg::PeerLeft { peer_id: &p.peer_id }.to_text();
+        let left = ServerMsg::PeerLeft {
+            peer_id: &p.peer_id,
+        }
+        .to_text();
         if let Some(room) = self.rooms.get_mut(&p.session_id) {
             room.members.retain(|c| *c != conn);
             if room.members.is_empty() {

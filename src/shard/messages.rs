@@ -25,16 +25,28 @@ pub enum ToShard {
     /// The socket closed without `leave`.
     Disconnect { conn: ConnId },
     /// `/debug/rooms` asks each shard for its rooms.
-    Snapshot { reply: oneshot::Sender<Vec<RoomSnapshot>> },
+    Snapshot {
+        reply: oneshot::Sender<Vec<RoomSnapshot>>,
+    },
 }
 
 /// Room shard → accept shard. Text is already serialized JSON, made on the room shard.
 #[derive(Debug)]
 pub enum ToAccept {
-    Send { conn: ConnId, text: String },
+    Send {
+        conn: ConnId,
+        text: String,
+    },
     /// The join was refused; `text` is the `error`. The socket may join again.
-    JoinRefused { conn: ConnId, text: String },
-    Close { conn: ConnId, code: u16, reason: &'static str },
+    JoinRefused {
+        conn: ConnId,
+        text: String,
+    },
+    Close {
+        conn: ConnId,
+        code: u16,
+        reason: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]

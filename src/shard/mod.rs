@@ -24,18 +24,18 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures::future::{select, Either};
+use futures::future::{Either, select};
 use futures::task::AtomicWaker;
 use glommio::net::UdpSocket;
 use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement};
-use tracing::{info_span, warn, Instrument};
+use tracing::{Instrument, info_span, warn};
 
 use crate::config::Config;
 use crate::media::udp::{self, RecvBatch};
 use crate::metrics::ShardMetrics;
 use crate::sfu::{Limits, Sfu};
-use mailbox::{mailbox, Mailbox, MailboxSender};
+use mailbox::{Mailbox, MailboxSender, mailbox};
 use messages::{ToAccept, ToShard};
 
 /// Signaling messages a shard's mailbox holds before senders are refused.
@@ -243,11 +243,11 @@ impl Shard {
             }
         }
         self.metrics.publish(&sfu.counters);
-        if let Some(next) = sfu.next_deadline() {
-            if next < self.timer_target.get() {
-                self.timer_target.set(next);
-                self.timer_wake.wake();
-            }
+        if let Some(next) = sfu.next_deadline()
+            && next < self.timer_target.get()
+        {
+            self.timer_target.set(next);
+            self.timer_wake.wake();
         }
     }
 }

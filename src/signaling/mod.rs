@@ -20,9 +20,9 @@ use hashbrown::HashMap;
 
 use crate::config::Config;
 use crate::metrics::AcceptMetrics;
+use crate::shard::ShardHandle;
 use crate::shard::mailbox::Mailbox;
 use crate::shard::messages::{ConnId, ToAccept};
-use crate::shard::ShardHandle;
 
 /// Replies one connection may have queued before it counts as too slow.
 const OUTBOUND_QUEUE: usize = 256;
@@ -46,7 +46,12 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(config: Config, shards: Vec<ShardHandle>, metrics: Arc<AcceptMetrics>, port: u16) -> Self {
+    pub fn new(
+        config: Config,
+        shards: Vec<ShardHandle>,
+        metrics: Arc<AcceptMetrics>,
+        port: u16,
+    ) -> Self {
         Self {
             config,
             shards,
@@ -73,24 +78,27 @@ impl Hub {
     pub async fn dispatch(self: Rc<Self>, inbox: Mailbox<ToAccept>) {
         let mut batch = Vec::with_capacity(256);
         while inbox.recv_batch(&mut batch, 256).await {
-            let mut conns = self.conns.borrow_mut();
-            for msg in batch.drain(..) {
-                let (conn, out) = match msg {
-                    ToAccept::Send { conn, text } => (conn, Outbound::Text(text)),
-                    ToAccept::JoinRefused { conn, text } => (conn, Outbound::JoinRefused(text)),
-                    ToAccept::Close { conn, code, reason } => (conn, Outbound::Close(code, reason)),
-                };
-                let Some(tx) = conns.get_mut(&conn) else {
-                    continue; // the socket is already gone
-                };
-                if tx.try_send(out).is_err() {
-                    // Too slow (or gone): dropping the sender ends the session's queue,
-                    // and the session closes the socket.
-                    conns.remove(&conn);
-                }
-            }
-            drop(conns);
+            self.route(&mut batch);
             glommio::yield_if_needed().await;
+        }
+    }
+
+    fn route(&self, batch: &mut Vec<ToAccept>) {
+        let mut conns = self.conns.borrow_mut();
+        for msg in batch.drain(..) {
+            let (conn, out) = match msg {
+                ToAccept::Send { conn, text } => (conn, Outbound::Text(text)),
+                ToAccept::JoinRefused { conn, text } => (conn, Outbound::JoinRefused(text)),
+                ToAccept::Close { conn, code, reason } => (conn, Outbound::Close(code, reason)),
+            };
+            let Some(tx) = conns.get_mut(&conn) else {
+                continue; // the socket is already gone
+            };
+            if tx.try_send(out).is_err() {
+                // Too slow (or gone): dropping the sender ends the session's queue,
+                // and the session closes the socket.
+                conns.remove(&conn);
+            }
         }
     }
 }

@@ -153,8 +153,12 @@ pub const MAX_REQUEST_ID_LEN: usize = 64;
 /// Parses one text frame. On refusal the `requestId` is still returned when it could
 /// be read, so the `error` carries it.
 pub fn parse(text: &str) -> Result<Request, (Option<String>, Refusal)> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| (None, Refusal::new(ErrorCode::BadJson, format!("not JSON: {e}"))))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        (
+            None,
+            Refusal::new(ErrorCode::BadJson, format!("not JSON: {e}")),
+        )
+    })?;
     let Value::Object(mut obj) = value else {
         return Err((
             None,
@@ -248,7 +252,11 @@ fn check_id(name: &str, value: &str) -> Result<(), Refusal> {
 
 /// Everything the server sends. Serialized once, on the shard that produced it.
 #[derive(Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
 pub enum ServerMsg<'a> {
     Joined {
         peer_id: &'a str,
@@ -331,7 +339,10 @@ mod tests {
         assert_eq!(code("[1]"), ErrorCode::BadJson);
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"type":7}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"type":"join","sessionId":"r"}"#), ErrorCode::InvalidField);
+        assert_eq!(
+            code(r#"{"type":"join","sessionId":"r"}"#),
+            ErrorCode::InvalidField
+        );
         assert_eq!(
             code(r#"{"type":"join","sessionId":"","userId":"u"}"#),
             ErrorCode::InvalidField
@@ -340,7 +351,10 @@ mod tests {
             code(r#"{"type":"join","sessionId":"a\u0007","userId":"u"}"#),
             ErrorCode::InvalidField
         );
-        assert_eq!(code(r#"{"type":"offer","sdp":" "}"#), ErrorCode::InvalidField);
+        assert_eq!(
+            code(r#"{"type":"offer","sdp":" "}"#),
+            ErrorCode::InvalidField
+        );
         assert_eq!(
             code(r#"{"type":"media_state","speaking":"yes"}"#),
             ErrorCode::InvalidField

@@ -6,13 +6,13 @@
 use std::rc::Rc;
 use std::time::Instant;
 
-use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use async_tungstenite::tungstenite::protocol::CloseFrame;
-use async_tungstenite::tungstenite::{Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
-use futures::{stream, StreamExt};
+use async_tungstenite::tungstenite::protocol::CloseFrame;
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::{Error as WsError, Message};
+use futures::{StreamExt, stream};
 use glommio::net::TcpStream;
-use tracing::{debug, info_span, Instrument};
+use tracing::{Instrument, debug, info_span};
 
 use super::protocol::{self, ClientMsg, ErrorCode, Refusal, Request, ServerMsg};
 use super::{Hub, Outbound};
@@ -103,14 +103,21 @@ impl Session {
             let reply = match event {
                 Event::Client(Ok(Message::Text(text))) => self.on_text(text.as_str()),
                 Event::Client(Ok(Message::Binary(_))) => {
-                    let _ = sink.close(Some(close(CloseCode::Unsupported, "binary frames are not accepted"))).await;
+                    let _ = sink
+                        .close(Some(close(
+                            CloseCode::Unsupported,
+                            "binary frames are not accepted",
+                        )))
+                        .await;
                     break;
                 }
                 Event::Client(Ok(Message::Close(_))) => break,
                 Event::Client(Ok(_)) => None, // ping/pong: tungstenite answers pings
                 Event::Client(Err(WsError::Capacity(e))) => {
                     debug!(error = %e, "message too large");
-                    let _ = sink.close(Some(close(CloseCode::Size, "message too large"))).await;
+                    let _ = sink
+                        .close(Some(close(CloseCode::Size, "message too large")))
+                        .await;
                     break;
                 }
                 Event::Client(Err(e)) => {
@@ -128,22 +135,26 @@ impl Session {
                     break;
                 }
                 Event::Overflow => {
-                    let _ = sink.close(Some(close(CloseCode::Policy, "not reading fast enough"))).await;
+                    let _ = sink
+                        .close(Some(close(CloseCode::Policy, "not reading fast enough")))
+                        .await;
                     break;
                 }
             };
-            if let Some(text) = reply {
-                if sink.send(Message::text(text)).await.is_err() {
-                    break;
-                }
+            if let Some(text) = reply
+                && sink.send(Message::text(text)).await.is_err()
+            {
+                break;
             }
         }
         let _ = sink.close(None).await;
-        if let (Joined::Shard(shard), false) = (self.joined, closed_by_server) {
-            if let Some(handle) = self.hub.shards.get(shard) {
-                // If the mailbox is full the participant still goes, by ICE timeout.
-                let _ = handle.mailbox.try_send(ToShard::Disconnect { conn: self.conn });
-            }
+        if let (Joined::Shard(shard), false) = (self.joined, closed_by_server)
+            && let Some(handle) = self.hub.shards.get(shard)
+        {
+            // If the mailbox is full the participant still goes, by ICE timeout.
+            let _ = handle
+                .mailbox
+                .try_send(ToShard::Disconnect { conn: self.conn });
         }
     }
 
@@ -186,7 +197,11 @@ impl Session {
                         request_id.as_deref(),
                     );
                 }
-                if self.room_hint.as_ref().is_some_and(|room| *room != join.session_id) {
+                if self
+                    .room_hint
+                    .as_ref()
+                    .is_some_and(|room| *room != join.session_id)
+                {
                     return refuse(
                         Refusal::new(
                             ErrorCode::RoomMismatch,

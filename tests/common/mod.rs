@@ -60,7 +60,10 @@ impl TestServer {
 
     /// A plain HTTP GET; returns (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
-        self.request(&format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr))
+        self.request(&format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            self.addr
+        ))
     }
 
     /// Sends a raw request; returns (status, body). Reads the head, then the body by
@@ -87,10 +90,10 @@ impl TestServer {
             if line.is_empty() {
                 break;
             }
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().unwrap_or(0);
-                }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
             }
         }
         let mut body = vec![0; length];
@@ -119,7 +122,8 @@ impl Ws {
     pub fn connect(url: &str) -> Self {
         let (ws, _) = tungstenite::connect(url).expect("websocket connect");
         if let MaybeTlsStream::Plain(s) = ws.get_ref() {
-            s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
         }
         Self(ws)
     }
