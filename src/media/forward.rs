@@ -16,8 +16,9 @@ const NO_PT: u8 = u8::MAX;
 #[derive(Debug, Clone)]
 pub struct Rewriter {
     pt_map: [u8; 128],
-    /// `out = in - base` once started; `None` while waiting for the first packet.
-    base: Option<u64>,
+    /// `(sequence base, timestamp base)`: `out = in - base` once started; `None`
+    /// while waiting for the first packet.
+    base: Option<(u64, u32)>,
     needs_keyframe: bool,
 }
 
@@ -25,6 +26,7 @@ pub struct Rewriter {
 pub struct Rewritten {
     pub pt: u8,
     pub seq: u64,
+    pub timestamp: u32,
 }
 
 impl Rewriter {
@@ -48,7 +50,13 @@ impl Rewriter {
     }
 
     /// What to send for an incoming packet, or `None` to skip it for this subscriber.
-    pub fn rewrite(&mut self, pt: u8, seq: u64, keyframe_start: bool) -> Option<Rewritten> {
+    pub fn rewrite(
+        &mut self,
+        pt: u8,
+        seq: u64,
+        timestamp: u32,
+        keyframe_start: bool,
+    ) -> Option<Rewritten> {
         let out_pt = *self.pt_map.get(usize::from(pt))?;
         if out_pt == NO_PT {
             return None;
@@ -59,12 +67,14 @@ impl Rewriter {
             }
             self.needs_keyframe = false;
         }
-        // Start at 1 so a packet reordered just before the first one can still fit.
-        let base = *self.base.get_or_insert(seq.saturating_sub(1));
-        let out = seq.checked_sub(base).filter(|s| *s > 0)?;
+        // Sequence numbers start at 1 and timestamps at 0 for every subscriber, so the
+        // stream looks fresh whichever publisher packet it started from.
+        let (seq_base, ts_base) = *self.base.get_or_insert((seq.saturating_sub(1), timestamp));
+        let out = seq.checked_sub(seq_base).filter(|s| *s > 0)?;
         Some(Rewritten {
             pt: out_pt,
             seq: out,
+            timestamp: timestamp.wrapping_sub(ts_base),
         })
     }
 }
@@ -145,30 +155,44 @@ mod tests {
     #[test]
     fn video_waits_for_a_keyframe_then_rebases() {
         let mut rw = Rewriter::new([(96, 100)], true);
-        assert_eq!(rw.rewrite(96, 5000, false), None, "delta before keyframe");
+        let out = |seq, timestamp| {
+            Some(Rewritten {
+                pt: 100,
+                seq,
+                timestamp,
+            })
+        };
         assert_eq!(
-            rw.rewrite(96, 5001, true),
-            Some(Rewritten { pt: 100, seq: 1 })
+            rw.rewrite(96, 5000, 10, false),
+            None,
+            "delta before keyframe"
+        );
+        assert_eq!(rw.rewrite(96, 5001, 3000, true), out(1, 0));
+        assert_eq!(rw.rewrite(96, 5002, 6000, false), out(2, 3000));
+        assert_eq!(
+            rw.rewrite(96, 5000, 10, false),
+            None,
+            "older than the start"
         );
         assert_eq!(
-            rw.rewrite(96, 5002, false),
-            Some(Rewritten { pt: 100, seq: 2 })
+            rw.rewrite(97, 5003, 9000, false),
+            None,
+            "unmapped payload type"
         );
-        assert_eq!(rw.rewrite(96, 5000, false), None, "older than the start");
-        assert_eq!(rw.rewrite(97, 5003, false), None, "unmapped payload type");
     }
 
     #[test]
-    fn audio_starts_at_once() {
+    fn audio_starts_at_once_and_timestamps_wrap() {
         let mut rw = Rewriter::new([(111, 111)], false);
-        assert_eq!(
-            rw.rewrite(111, 70_000, false),
-            Some(Rewritten { pt: 111, seq: 1 })
-        );
-        assert_eq!(
-            rw.rewrite(111, 70_010, false),
-            Some(Rewritten { pt: 111, seq: 11 })
-        );
+        let out = |seq, timestamp| {
+            Some(Rewritten {
+                pt: 111,
+                seq,
+                timestamp,
+            })
+        };
+        assert_eq!(rw.rewrite(111, 70_000, u32::MAX - 959, false), out(1, 0));
+        assert_eq!(rw.rewrite(111, 70_010, 9_120, false), out(11, 10_080));
     }
 
     #[test]

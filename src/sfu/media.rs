@@ -125,7 +125,10 @@ impl Sfu {
             let Some(sub) = s.subscriptions.get_mut(&track_key) else {
                 continue;
             };
-            let Some(out) = sub.rewriter.rewrite(pt, *packet.seq_no, keyframe) else {
+            let rewritten =
+                sub.rewriter
+                    .rewrite(pt, *packet.seq_no, packet.header.timestamp, keyframe);
+            let Some(out) = rewritten else {
                 wants_keyframe |= sub.rewriter.waiting_for_keyframe();
                 continue;
             };
@@ -137,7 +140,7 @@ impl Sfu {
                 RtpWrite::new(
                     out.pt.into(),
                     out.seq.into(),
-                    packet.header.timestamp,
+                    out.timestamp,
                     packet.timestamp,
                     packet.payload.clone(),
                 )

@@ -282,7 +282,7 @@ impl Sfu {
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| {
             Refusal::new(
                 ErrorCode::NegotiationFailed,
-                format!("unreadable offer: {e}"),
+                format!("unreadable offer: {}", sdp_error(&e)),
             )
         })?;
         let Some(p) = self.peers.get_mut(&conn) else {
@@ -470,7 +470,7 @@ impl Sfu {
             ));
         };
         let answer = SdpAnswer::from_sdp_string(sdp);
-        let accepted = answer.map_err(|e| e.to_string()).and_then(|a| {
+        let accepted = answer.map_err(|e| sdp_error(&e)).and_then(|a| {
             p.subscriber
                 .rtc
                 .sdp_api()
@@ -622,6 +622,15 @@ fn track_published(peer_id: &str, track: &PublishedTrack) -> String {
         source: track.source.as_str(),
     }
     .to_text()
+}
+
+/// The parser's message without its memory addresses, on one line.
+fn sdp_error(e: &impl std::fmt::Display) -> String {
+    e.to_string()
+        .lines()
+        .filter(|l| !l.contains("PointerOffset") && !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A peer id suffix: random, URL- and msid-safe.
