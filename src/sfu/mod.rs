@@ -72,6 +72,8 @@ pub struct Sfu {
     touched: Vec<LegKey>,
     /// Participants whose `Rtc` failed; removed at the end of the round.
     doomed: Vec<(ConnId, &'static str)>,
+    /// Subscribers that may need a new offer, made at the end of the round.
+    offers_due: Vec<ConnId>,
     /// Datagrams to send; the runtime flushes them.
     pub transmits: SendQueue,
     /// Signaling to hand back to the accept shard.
@@ -100,6 +102,7 @@ impl Sfu {
             events: Vec::new(),
             touched: Vec::with_capacity(256),
             doomed: Vec::new(),
+            offers_due: Vec::new(),
             transmits: SendQueue::default(),
             to_accept: Vec::new(),
             counters: Counters::default(),
@@ -213,7 +216,14 @@ impl Sfu {
                     reason: "media connection failed",
                 });
             }
-            if self.forward_queue.is_empty() && self.touched.is_empty() && self.events.is_empty() {
+            for conn in std::mem::take(&mut self.offers_due) {
+                self.renegotiate(conn);
+            }
+            if self.forward_queue.is_empty()
+                && self.touched.is_empty()
+                && self.events.is_empty()
+                && self.offers_due.is_empty()
+            {
                 break;
             }
         }

@@ -201,7 +201,7 @@ impl Sfu {
         .to_text();
         self.broadcast(&join.session_id, conn, &announce);
         info!(members = existing.len() + 1, "joined");
-        self.renegotiate(conn);
+        self.offer_later(conn);
         Ok(())
     }
 
@@ -384,21 +384,29 @@ impl Sfu {
             .unwrap_or_default();
         for member in members {
             if member != except {
-                self.renegotiate(member);
+                self.offer_later(member);
             }
         }
     }
 
+    /// Marks a subscriber as needing a new offer. Offers are made at the end of the
+    /// round, so an offer that publishes audio and video (or a participant leaving
+    /// with both) costs every other participant one renegotiation, not two.
+    fn offer_later(&mut self, conn: ConnId) {
+        if let Some(p) = self.peers.get_mut(&conn) {
+            p.negotiation.dirty = true;
+            self.offers_due.push(conn);
+        }
+    }
+
     /// Offers the subscriber every track it lacks and retires the ones gone, unless an
-    /// offer is already outstanding (then it is marked to run after the answer).
-    fn renegotiate(&mut self, conn: ConnId) {
+    /// offer is already outstanding (then `dirty` stays set and the answer brings us
+    /// back here).
+    pub(super) fn renegotiate(&mut self, conn: ConnId) {
         let Some(p) = self.peers.get(&conn) else {
             return;
         };
-        if p.negotiation.pending.is_some() {
-            if let Some(p) = self.peers.get_mut(&conn) {
-                p.negotiation.dirty = true;
-            }
+        if p.negotiation.pending.is_some() || !p.negotiation.dirty {
             return;
         }
         let Some(room) = self.rooms.get(&p.session_id) else {
@@ -427,6 +435,7 @@ impl Sfu {
         let Some(p) = self.peers.get_mut(&conn) else {
             return;
         };
+        p.negotiation.dirty = false;
         let retired = std::mem::take(&mut p.negotiation.retired);
         if wanted.is_empty() && retired.is_empty() {
             return;
@@ -454,7 +463,6 @@ impl Sfu {
             offer: pending,
             added,
         });
-        p.negotiation.dirty = false;
         self.send(conn, ServerMsg::Offer { sdp: &sdp }.to_text());
         self.drain((conn, Side::Subscriber));
     }
@@ -490,10 +498,8 @@ impl Sfu {
         }
         self.drain((conn, Side::Subscriber));
         self.request_keyframes_for(now, conn);
-        let dirty = self.peers.get(&conn).is_some_and(|p| p.negotiation.dirty);
-        if dirty {
-            self.renegotiate(conn);
-        }
+        // Changes that arrived while the offer was out are offered now.
+        self.offers_due.push(conn);
         Ok(())
     }
 
