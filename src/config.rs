@@ -169,8 +169,16 @@ impl Config {
         if !self.public_ips.is_empty() {
             return self.public_ips.clone();
         }
+        // A socket bound to an IPv4 address cannot be reached over IPv6 (and the
+        // reverse, unless bound to `::`, which is dual-stack).
+        let reachable = |ip: &IpAddr| match self.bind {
+            IpAddr::V6(v6) if v6.is_unspecified() => true,
+            bind => bind.is_ipv4() == ip.is_ipv4(),
+        };
         let mut ips = crate::media::udp::interface_ips();
-        ips.retain(|ip| !ip.is_loopback() && !ip.is_unspecified() && !is_link_local(ip));
+        ips.retain(|ip| {
+            reachable(ip) && !ip.is_loopback() && !ip.is_unspecified() && !is_link_local(ip)
+        });
         if ips.is_empty() {
             ips.push(IpAddr::from([127, 0, 0, 1]));
         }
