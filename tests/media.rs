@@ -207,3 +207,61 @@ fn garbage_flood_does_not_disturb_a_room() {
         assert!(s.violations.is_empty(), "{:?}", s.violations);
     }
 }
+
+#[test]
+fn udp_garbage_does_not_disturb_a_room() {
+    let server = TestServer::start(&[]);
+    let a = publisher(&server, "udp", "a");
+    let b = publisher(&server, "udp", "b");
+    let base = b
+        .wait_for(WAIT, |s| receives_from(s, &[a.peer_id()]))
+        .expect("media flows");
+    let before = base.track(a.peer_id(), MediaKind::Video).map_or(0, |t| t.received);
+
+    let (_, health) = server.get("/health");
+    let health: serde_json::Value = serde_json::from_str(&health).expect("json");
+    let ports: Vec<u16> = health["udpPorts"]
+        .as_array()
+        .expect("udpPorts")
+        .iter()
+        .filter_map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()))
+        .collect();
+    assert_eq!(ports.len(), 2);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    // Deterministic junk: random bytes, and datagrams that look like STUN (first
+    // byte 0..3, with and without a magic cookie), DTLS (20..63) and RTP (128..191).
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut junk = [0_u8; 1200];
+    for i in 0..4000_usize {
+        let len = 1 + (i * 37) % junk.len();
+        for byte in junk.iter_mut().take(len) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *byte = seed as u8;
+        }
+        junk[0] = [junk[0], 0x00, 0x01, 0x16, 0x80][i % 5];
+        if i % 10 == 1 && len > 8 {
+            junk[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+        }
+        let port = ports[i % ports.len()];
+        let _ = socket.send_to(&junk[..len], ("127.0.0.1", port));
+    }
+
+    let stats = b
+        .wait_for(WAIT, |s| {
+            s.track(a.peer_id(), MediaKind::Video)
+                .is_some_and(|t| t.received > before + 60)
+        })
+        .expect("media keeps flowing during and after the junk");
+    let video = stats.track(a.peer_id(), MediaKind::Video).expect("video");
+    assert_eq!(video.lost, 0, "{video:?}");
+    assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+    let (_, metrics) = server.get("/metrics");
+    let unrouted: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("rtc_unrouted_packets_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(unrouted > 0, "junk was counted as unrouted:\n{metrics}");
+}

@@ -110,7 +110,9 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
             session::run(ws, hub.clone(), room).await;
         }
         ("GET", "/health") => {
-            let body = json!({"status": "ok", "shards": hub.shards.len()}).to_string();
+            let udp: Vec<_> = hub.shards.iter().map(|s| s.udp_addr.port()).collect();
+            let body =
+                json!({"status": "ok", "shards": hub.shards.len(), "udpPorts": udp}).to_string();
             let _ = respond(&mut stream, 200, "application/json", body.as_bytes()).await;
         }
         ("GET", "/metrics") => {

@@ -321,9 +321,10 @@ impl Sfu {
         if !media.direction().is_receiving() {
             return;
         }
-        let track_id = match media.track_id() {
+        let track_id = msid_token(media.track_id());
+        let track_id = match track_id.as_str() {
             "" | "-" => mid.to_string(),
-            id => id.to_owned(),
+            _ => track_id,
         };
         let hinted_screen = [media.track_id(), media.stream_id()]
             .iter()
@@ -630,6 +631,14 @@ fn track_published(peer_id: &str, track: &PublishedTrack) -> String {
     .to_text()
 }
 
+/// An RFC 8830 msid-id (at most 64 token chars), filtered the way str0m filters the
+/// ids it writes into subscriber offers, so `track_published` and the msid agree and
+/// a client cannot bloat either.
+fn msid_token(id: &str) -> String {
+    let token = |c: &char| matches!(*c as u32, 0x21 | 0x23..=0x27 | 0x2a..=0x2b | 0x2d..=0x2e | 0x30..=0x39 | 0x41..=0x5a | 0x5e..=0x7d);
+    id.chars().filter(token).take(64).collect()
+}
+
 /// The parser's message without its memory addresses, on one line.
 fn sdp_error(e: &impl std::fmt::Display) -> String {
     e.to_string()
@@ -642,4 +651,16 @@ fn sdp_error(e: &impl std::fmt::Display) -> String {
 /// A peer id suffix: random, URL- and msid-safe.
 fn fastrand_id() -> String {
     (0..12).map(|_| fastrand::alphanumeric()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::msid_token;
+
+    #[test]
+    fn msid_tokens_are_bounded_and_clean() {
+        assert_eq!(msid_token("cam-1{x}"), "cam-1{x}");
+        assert_eq!(msid_token("a b\"c:d/e~"), "abcde");
+        assert_eq!(msid_token(&"x".repeat(500)).len(), 64);
+    }
 }
