@@ -29,6 +29,9 @@ use crate::signaling::protocol::{
 
 /// Resend buffer cap in packets; `RESEND_WINDOW` bounds it by time first.
 const RESEND_PACKETS: usize = 1024;
+/// Resends stop while they exceed this share of a stream's bytes, so a subscriber
+/// that NACKs everything cannot multiply its bandwidth (str0m's default share).
+const RESEND_SHARE_CAP: f32 = 0.15;
 
 impl Sfu {
     pub fn handle_message(&mut self, now: Instant, msg: ToShard) {
@@ -532,7 +535,7 @@ impl Sfu {
             .collect();
         let video = track.kind == MediaKind::Video;
         if let Some(tx) = s.subscriber.rtc.direct_api().stream_tx_by_mid(mid, None) {
-            tx.set_rtx_cache(RESEND_PACKETS, RESEND_WINDOW, None);
+            tx.set_rtx_cache(RESEND_PACKETS, RESEND_WINDOW, Some(RESEND_SHARE_CAP));
         }
         s.subscriptions.insert(
             track_key,
