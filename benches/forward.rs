@@ -38,17 +38,12 @@
 //! Run: `cargo bench --bench forward` (add `-- --quick` for a short run).
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::VecDeque;
-use std::iter;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use corelay::media::udp::BATCH;
-use corelay::sfu::{Limits, Sfu};
-use corelay::shard::messages::{ToAccept, ToShard};
-use corelay::signaling::protocol::{ClientMsg, parse};
-use corelay_loadtest::{Leg, MediaConfig, MediaKind, Peer, PeerConfig, TimeBase};
+use corelay_loadtest::{MediaConfig, MediaKind, PeerConfig};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use str0m::net::Transmit;
 
@@ -56,16 +51,8 @@ use str0m::net::Transmit;
 const FANOUTS: [usize; 3] = [1, 4, 16];
 /// Publisher datagrams held back and fed per timed run.
 const CHUNK: usize = 128;
-const SFU_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 50_000);
-/// Client legs live on 127.0.0.2, two consecutive ports per peer.
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
-const CLIENT_PORT_BASE: u16 = 10_000;
 /// The publisher is peer 0; subscribers are 1..=K. A peer's conn id is its index.
 const PUBLISHER: usize = 0;
-/// Smallest step of the virtual clock, so a deadline that stays due cannot stall it.
-const MIN_STEP: Duration = Duration::from_millis(1);
-/// Virtual time the setup may take before it is declared stuck.
-const SETUP_LIMIT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------
 // Allocation counting
@@ -109,99 +96,45 @@ fn allocations() -> u64 {
 }
 
 // ---------------------------------------------------------------------------------
-// The in-memory network
+// The in-memory network (shared with the deterministic tests)
 
-fn leg_addr(peer: usize, leg: Leg) -> SocketAddr {
-    let offset = match leg {
-        Leg::Publisher => 0,
-        Leg::Subscriber => 1,
-    };
-    let port = CLIENT_PORT_BASE + 2 * u16::try_from(peer).expect("peer index") + offset;
-    SocketAddr::from((CLIENT_IP, port))
-}
+#[path = "../tests/sim/mod.rs"]
+mod sim;
 
-/// The peer and leg `addr` belongs to.
-fn leg_of(addr: SocketAddr) -> (usize, Leg) {
-    assert_eq!(addr.ip(), CLIENT_IP, "datagram to an unknown host {addr}");
-    let n = addr.port() - CLIENT_PORT_BASE;
-    let leg = if n.is_multiple_of(2) {
-        Leg::Publisher
-    } else {
-        Leg::Subscriber
-    };
-    (usize::from(n / 2), leg)
-}
+use sim::{Network, is_rtp};
 
-/// RTP, as opposed to RTCP (RFC 5761 §4), STUN or DTLS (RFC 7983).
-fn is_rtp(datagram: &[u8]) -> bool {
-    matches!(datagram, [b0, b1, ..] if (128..=191).contains(b0) && !(64..=95).contains(&(b1 & 0x7f)))
-}
-
-/// The SFU, its clients, and the clock they share.
-struct Network {
-    now: Instant,
-    sfu: Sfu,
-    peers: Vec<Peer>,
-    /// Once set, the publisher's RTP datagrams wait in `held` instead of reaching the SFU.
-    hold: bool,
-    held: VecDeque<(SocketAddr, Vec<u8>)>,
-    /// Reused buffers of the timed section, so it allocates only what the SFU does.
+/// The network of one fan-out, plus the reused buffers of the timed section so it
+/// allocates only what the SFU does.
+struct Bench {
+    net: Network,
     feed: Vec<(SocketAddr, Vec<u8>)>,
     outbox: Vec<Transmit>,
 }
 
-impl Network {
+impl Bench {
     /// A room with one video publisher and `subscribers` receiving it.
     fn new(subscribers: usize) -> Self {
-        let now = Instant::now();
-        let limits = Limits {
-            room_participants: subscribers + 1,
-            rooms: 1,
-            tracks: 4,
-        };
-        let sfu = Sfu::new(0, vec![SFU_ADDR], limits, Vec::new()).expect("sfu");
-        let time_base = TimeBase::new(now, 1_000_000_000_000);
-        let peers = (0..=subscribers)
-            .map(|i| {
-                let config = peer_config(i);
-                let (publisher, subscriber) =
-                    (leg_addr(i, Leg::Publisher), leg_addr(i, Leg::Subscriber));
-                Peer::new(config, time_base, publisher, subscriber, now)
-            })
-            .collect();
-        let mut net = Self {
-            now,
-            sfu,
-            peers,
-            hold: false,
-            held: VecDeque::new(),
+        let mut net = Network::new((0..=subscribers).map(peer_config).collect());
+        net.run_until("every subscriber receives video", |net| {
+            (PUBLISHER + 1..net.peers.len()).all(|i| net.receives_video(i, 1))
+        });
+        net.hold_rtp_of = Some(PUBLISHER);
+        Self {
+            net,
             feed: Vec::with_capacity(CHUNK),
             outbox: Vec::new(),
-        };
-        net.run_until("every subscriber receives video", Self::all_receive_video);
-        net.hold = true;
-        net
+        }
     }
 
     fn subscribers(&self) -> usize {
-        self.peers.len() - 1
-    }
-
-    fn all_receive_video(&self) -> bool {
-        self.peers[PUBLISHER + 1..].iter().all(|p| {
-            let stats = p.stats();
-            stats.subscriber_connected
-                && stats
-                    .tracks
-                    .iter()
-                    .any(|t| t.kind == MediaKind::Video && t.packets > 0)
-        })
+        self.net.peers.len() - 1
     }
 
     /// Panics unless every client saw a clean session and every subscriber got all
     /// the video it was sent, in order: the measured path did its whole job.
     fn assert_healthy(&self) {
-        for (i, peer) in self.peers.iter().enumerate() {
+        assert!(self.net.closed.is_empty(), "{:?}", self.net.closed);
+        for (i, peer) in self.net.peers.iter().enumerate() {
             let stats = peer.stats();
             assert!(
                 stats.violations.is_empty() && stats.errors.is_empty(),
@@ -222,134 +155,32 @@ impl Network {
         }
     }
 
-    fn run_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
-        let limit = self.now + SETUP_LIMIT;
-        self.pump();
-        while !done(self) {
-            assert!(
-                self.now < limit,
-                "setup stuck: not reached '{what}' after {SETUP_LIMIT:?}"
-            );
-            self.tick();
-        }
-    }
-
-    /// Advances the clock to the next deadline, fires what is due, and pumps.
-    fn tick(&mut self) {
-        let next = self
-            .peers
-            .iter()
-            .map(Peer::poll_timeout)
-            .chain(self.sfu.next_deadline())
-            .min()
-            .expect("at least one deadline");
-        self.now = next.max(self.now + MIN_STEP);
-        self.sfu.handle_timeout(self.now);
-        for peer in &mut self.peers {
-            if peer.poll_timeout() <= self.now {
-                peer.handle_timeout(self.now);
-            }
-        }
-        self.pump();
-    }
-
-    /// Delivers signaling and datagrams both ways until nobody has anything to send.
-    fn pump(&mut self) {
-        loop {
-            let mut moved = false;
-            for i in 0..self.peers.len() {
-                while let Some(text) = self.peers[i].poll_signal() {
-                    self.signal_to_sfu(i, &text);
-                    moved = true;
-                }
-                while let Some(t) = self.peers[i].poll_transmit() {
-                    self.datagram_to_sfu(leg_addr(i, t.leg), t.contents);
-                    moved = true;
-                }
-            }
-            for reply in std::mem::take(&mut self.sfu.to_accept) {
-                self.reply_to_peer(reply);
-                moved = true;
-            }
-            let transmits: Vec<Transmit> = self.sfu.transmits.drain().collect();
-            moved |= !transmits.is_empty();
-            for t in transmits {
-                self.deliver(t);
-            }
-            if !moved {
-                return;
-            }
-        }
-    }
-
-    /// What the accept shard does with a client's text frame.
-    fn signal_to_sfu(&mut self, peer: usize, text: &str) {
-        let request = parse(text).unwrap_or_else(|e| panic!("bad client message {text}: {e:?}"));
-        let (conn, request_id) = (peer as u64, request.request_id);
-        let msg = match request.msg {
-            ClientMsg::Join(join) => ToShard::Join {
-                conn,
-                request_id,
-                join,
-            },
-            ClientMsg::Signal(signal) => ToShard::Signal {
-                conn,
-                request_id,
-                signal,
-            },
-            ClientMsg::Ping => return,
-        };
-        self.sfu.handle_message(self.now, msg);
-    }
-
-    fn datagram_to_sfu(&mut self, source: SocketAddr, contents: Vec<u8>) {
-        if self.hold && source == leg_addr(PUBLISHER, Leg::Publisher) && is_rtp(&contents) {
-            self.held.push_back((source, contents));
-        } else {
-            self.sfu
-                .handle_datagrams(self.now, iter::once((source, contents.as_slice())));
-        }
-    }
-
-    fn reply_to_peer(&mut self, reply: ToAccept) {
-        match reply {
-            ToAccept::Send { conn, text } => {
-                self.peers[conn as usize].handle_signal(&text, self.now)
-            }
-            refused => panic!("the SFU refused a benchmark client: {refused:?}"),
-        }
-    }
-
-    fn deliver(&mut self, t: Transmit) {
-        let (peer, leg) = leg_of(t.destination);
-        self.peers[peer].handle_datagram(leg, t.source, &t.contents, self.now);
-    }
-
     /// Runs the clock until at least `n` publisher datagrams are held.
     fn hold_publisher_rtp(&mut self, n: usize) {
-        while self.held.len() < n {
-            self.tick();
+        while self.net.held.len() < n {
+            self.net.tick();
         }
     }
 
     /// Feeds `n` held datagrams to the SFU; only this is timed and counted.
     fn forward_held(&mut self, n: usize) -> Sample {
-        self.feed.extend(self.held.drain(..n));
+        self.feed.extend(self.net.held.drain(..n));
         self.outbox.reserve(n * self.subscribers() + BATCH);
-        let forwarded_before = self.sfu.counters.forwarded_packets;
+        let sfu = &mut self.net.sfu;
+        let forwarded_before = sfu.counters.forwarded_packets;
         let allocations_before = allocations();
         let start = Instant::now();
         for batch in self.feed.chunks(BATCH) {
             let batch = batch.iter().map(|(source, d)| (*source, d.as_slice()));
-            self.sfu.handle_datagrams(self.now, batch);
-            self.outbox.extend(self.sfu.transmits.drain());
+            sfu.handle_datagrams(self.net.now, batch);
+            self.outbox.extend(sfu.transmits.drain());
         }
         let elapsed = start.elapsed();
         let sample = Sample {
             elapsed,
             allocations: allocations() - allocations_before,
             published: n as u64,
-            forwarded: self.sfu.counters.forwarded_packets - forwarded_before,
+            forwarded: sfu.counters.forwarded_packets - forwarded_before,
         };
         let encrypted = self.outbox.iter().filter(|t| is_rtp(&t.contents)).count();
         assert_eq!(
@@ -363,10 +194,10 @@ impl Network {
         self.feed.clear();
         let mut outbox = std::mem::take(&mut self.outbox);
         for t in outbox.drain(..) {
-            self.deliver(t);
+            self.net.deliver(t);
         }
         self.outbox = outbox;
-        self.pump();
+        self.net.pump();
         sample
     }
 }
@@ -418,7 +249,7 @@ impl Sample {
 }
 
 /// Feeds `iters` fresh publisher packets in chunks and returns the timed total.
-fn run(net: &mut Network, iters: u64, total: &mut Sample) -> Duration {
+fn run(net: &mut Bench, iters: u64, total: &mut Sample) -> Duration {
     let mut left = usize::try_from(iters).expect("iteration count");
     let mut elapsed = Duration::ZERO;
     while left > 0 {
@@ -486,7 +317,7 @@ fn forward(c: &mut Criterion) {
         let mut total = Sample::default();
         group.throughput(Throughput::Elements(k as u64));
         group.bench_function(BenchmarkId::from_parameter(format!("K={k}")), |b| {
-            let net = net.get_or_insert_with(|| Network::new(k));
+            let net = net.get_or_insert_with(|| Bench::new(k));
             b.iter_custom(|iters| run(net, iters, &mut total));
         });
         if let Some(net) = net {

@@ -1,0 +1,78 @@
+//! Deterministic runs of one shard's SFU over the in-memory network (`sim`), for what
+//! needs time to pass or packets to vanish: ICE consent expiry removes a participant
+//! that went silent, and NACKs recover lost packets from the resend buffer.
+
+#[path = "sim/mod.rs"]
+mod sim;
+
+use corelay_loadtest::{MediaKind, PeerConfig};
+use sim::Network;
+
+fn peer(user: &str, publish: bool) -> PeerConfig {
+    PeerConfig {
+        publish_audio: publish,
+        publish_video: publish,
+        ..PeerConfig::new("sim", user)
+    }
+}
+
+fn peer_id(net: &Network, i: usize) -> String {
+    net.peers[i].peer_id().expect("joined").to_owned()
+}
+
+fn offered_publishers(net: &Network, i: usize) -> Vec<String> {
+    net.peers[i]
+        .stats()
+        .active_msids()
+        .into_iter()
+        .map(|(stream, _)| stream)
+        .collect()
+}
+
+#[test]
+fn a_silent_participant_is_removed_when_ice_consent_expires() {
+    let mut net = Network::new(vec![peer("a", true), peer("b", true), peer("c", true)]);
+    net.run_until("everyone receives video", |net| {
+        (0..3).all(|i| net.receives_video(i, 10))
+    });
+    let gone = peer_id(&net, 2);
+
+    // c's network dies; its WebSocket stays open, so only ICE can notice.
+    net.cut[2] = true;
+    net.run_until("c is removed", |net| net.closed.contains(&(2, 1011)));
+    net.run_until("the others are told and renegotiated", |net| {
+        (0..2).all(|i| {
+            net.peers[i].stats().peers_left.contains(&gone)
+                && !offered_publishers(net, i).contains(&gone)
+        })
+    });
+    assert_eq!(net.sfu.counters.forced_disconnect, 1);
+    assert_eq!(net.sfu.counters.active_participants, 2);
+
+    // The two who remain still exchange media.
+    let before = net.peers[0].stats().tracks.iter().map(|t| t.received).sum::<u64>();
+    net.run_until("media keeps flowing", |net| {
+        net.peers[0].stats().tracks.iter().map(|t| t.received).sum::<u64>() > before + 50
+    });
+}
+
+#[test]
+fn nacks_recover_lost_video_from_the_resend_buffer() {
+    let mut net = Network::new(vec![peer("pub", true), peer("sub", false)]);
+    net.run_until("the subscriber receives video", |net| net.receives_video(1, 10));
+    // Lose every 7th RTP datagram on the way to the subscriber from now on.
+    net.lose_rtp_to = Some((1, 7));
+    net.run_until("300 more video packets", |net| net.receives_video(1, 310));
+    // Give the last resends time to land, then nothing may be missing.
+    let end = net.now + std::time::Duration::from_millis(500);
+    net.run_until("half a second more", |net| net.now >= end);
+    let stats = net.peers[1].stats();
+    let video = stats
+        .tracks
+        .iter()
+        .find(|t| t.kind == MediaKind::Video)
+        .expect("video");
+    assert_eq!(video.lost, 0, "every lost packet was resent: {video:?}");
+    assert!(video.reordered > 0, "resends arrive late, so losses did happen");
+    assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+}

@@ -1,0 +1,243 @@
+//! An in-memory network around one shard's sans-IO [`Sfu`], with real str0m clients
+//! (`corelay_loadtest::Peer`) and a virtual clock: quinn-style deterministic runs of
+//! the packet path, for the forwarding benchmark and for tests that need time to pass
+//! (ICE consent expiry) or packets to vanish (NACK recovery) without waiting for it.
+//!
+//! Signaling goes through `protocol::parse` into `ToShard` exactly as the accept shard
+//! does; datagrams go straight into `Sfu::handle_datagrams`. Shared by `benches/` and
+//! `tests/` through `#[path]`.
+
+#![allow(dead_code)] // each user needs a different subset
+
+use std::collections::VecDeque;
+use std::iter;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use corelay::sfu::{Limits, Sfu};
+use corelay::shard::messages::{ConnId, ToAccept, ToShard};
+use corelay::signaling::protocol::{ClientMsg, parse};
+use corelay_loadtest::{Leg, MediaKind, Peer, PeerConfig, TimeBase};
+use str0m::net::Transmit;
+
+pub const SFU_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 50_000);
+/// Client legs live on 127.0.0.2, two consecutive ports per peer.
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const CLIENT_PORT_BASE: u16 = 10_000;
+/// Smallest clock step, so a deadline in the past cannot stall the loop.
+const MIN_STEP: Duration = Duration::from_millis(1);
+/// Virtual time a `run_until` may take before the test fails.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+pub fn leg_addr(peer: usize, leg: Leg) -> SocketAddr {
+    let offset = match leg {
+        Leg::Publisher => 0,
+        Leg::Subscriber => 1,
+    };
+    let port = CLIENT_PORT_BASE + 2 * u16::try_from(peer).expect("peer index") + offset;
+    SocketAddr::from((CLIENT_IP, port))
+}
+
+/// The peer and leg `addr` belongs to.
+fn leg_of(addr: SocketAddr) -> (usize, Leg) {
+    assert_eq!(addr.ip(), CLIENT_IP, "datagram to an unknown host {addr}");
+    let n = addr.port() - CLIENT_PORT_BASE;
+    let leg = if n.is_multiple_of(2) {
+        Leg::Publisher
+    } else {
+        Leg::Subscriber
+    };
+    (usize::from(n / 2), leg)
+}
+
+/// RTP, as opposed to RTCP (RFC 5761 §4), STUN or DTLS (RFC 7983).
+pub fn is_rtp(datagram: &[u8]) -> bool {
+    matches!(datagram, [b0, b1, ..] if (128..=191).contains(b0) && !(64..=95).contains(&(b1 & 0x7f)))
+}
+
+/// The SFU, its clients, the clock they share, and what the network does to packets.
+pub struct Network {
+    pub now: Instant,
+    pub sfu: Sfu,
+    pub peers: Vec<Peer>,
+    /// The peer whose RTP datagrams wait in `held` instead of reaching the SFU.
+    pub hold_rtp_of: Option<usize>,
+    pub held: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Peers cut off from the network: their datagrams are lost both ways.
+    pub cut: Vec<bool>,
+    /// Every n-th RTP datagram to this peer's subscriber leg is lost.
+    pub lose_rtp_to: Option<(usize, u64)>,
+    rtp_to_lossy: u64,
+    /// Close requests the SFU made: (peer, code).
+    pub closed: Vec<(usize, u16)>,
+}
+
+impl Network {
+    /// Joins one peer per config to the SFU and exchanges whatever they start with.
+    pub fn new(configs: Vec<PeerConfig>) -> Self {
+        let now = Instant::now();
+        let limits = Limits {
+            room_participants: configs.len(),
+            rooms: 4,
+            tracks: 4,
+        };
+        let sfu = Sfu::new(0, vec![SFU_ADDR], limits, Vec::new()).expect("sfu");
+        let time_base = TimeBase::new(now, 1_000_000_000_000);
+        let peers: Vec<Peer> = configs
+            .into_iter()
+            .enumerate()
+            .map(|(i, config)| {
+                let (publisher, subscriber) =
+                    (leg_addr(i, Leg::Publisher), leg_addr(i, Leg::Subscriber));
+                Peer::new(config, time_base, publisher, subscriber, now)
+            })
+            .collect();
+        let mut net = Self {
+            now,
+            sfu,
+            cut: vec![false; peers.len()],
+            peers,
+            hold_rtp_of: None,
+            held: VecDeque::new(),
+            lose_rtp_to: None,
+            rtp_to_lossy: 0,
+            closed: Vec::new(),
+        };
+        net.pump();
+        net
+    }
+
+    /// True when `peer`'s subscriber leg is connected and has received at least
+    /// `min_packets` video packets of one track.
+    pub fn receives_video(&self, peer: usize, min_packets: u64) -> bool {
+        let stats = self.peers[peer].stats();
+        stats.subscriber_connected
+            && stats
+                .tracks
+                .iter()
+                .any(|t| t.kind == MediaKind::Video && t.received >= min_packets)
+    }
+
+    /// Runs the clock until `done` holds; fails after `RUN_LIMIT` of virtual time.
+    pub fn run_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let limit = self.now + RUN_LIMIT;
+        self.pump();
+        while !done(self) {
+            assert!(
+                self.now < limit,
+                "not reached '{what}' after {RUN_LIMIT:?} of virtual time"
+            );
+            self.tick();
+        }
+    }
+
+    /// Advances the clock to the next deadline, fires what is due, and pumps.
+    pub fn tick(&mut self) {
+        let next = self
+            .peers
+            .iter()
+            .map(Peer::poll_timeout)
+            .chain(self.sfu.next_deadline())
+            .min()
+            .expect("at least one deadline");
+        self.now = next.max(self.now + MIN_STEP);
+        self.sfu.handle_timeout(self.now);
+        for peer in &mut self.peers {
+            if peer.poll_timeout() <= self.now {
+                peer.handle_timeout(self.now);
+            }
+        }
+        self.pump();
+    }
+
+    /// Delivers signaling and datagrams both ways until nobody has anything to send.
+    pub fn pump(&mut self) {
+        loop {
+            let mut moved = false;
+            for i in 0..self.peers.len() {
+                while let Some(text) = self.peers[i].poll_signal() {
+                    self.signal_to_sfu(i, &text);
+                    moved = true;
+                }
+                while let Some(t) = self.peers[i].poll_transmit() {
+                    self.datagram_to_sfu(i, leg_addr(i, t.leg), t.contents);
+                    moved = true;
+                }
+            }
+            for reply in std::mem::take(&mut self.sfu.to_accept) {
+                self.reply_to_peer(reply);
+                moved = true;
+            }
+            let transmits: Vec<Transmit> = self.sfu.transmits.drain().collect();
+            moved |= !transmits.is_empty();
+            for t in transmits {
+                self.deliver(t);
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// What the accept shard does with a client's text frame.
+    fn signal_to_sfu(&mut self, peer: usize, text: &str) {
+        let request = parse(text).unwrap_or_else(|e| panic!("bad client message {text}: {e:?}"));
+        let (conn, request_id) = (peer as ConnId, request.request_id);
+        let msg = match request.msg {
+            ClientMsg::Join(join) => ToShard::Join {
+                conn,
+                request_id,
+                join,
+            },
+            ClientMsg::Signal(signal) => ToShard::Signal {
+                conn,
+                request_id,
+                signal,
+            },
+            ClientMsg::Ping => return,
+        };
+        self.sfu.handle_message(self.now, msg);
+    }
+
+    fn datagram_to_sfu(&mut self, peer: usize, source: SocketAddr, contents: Vec<u8>) {
+        if self.cut[peer] {
+            return;
+        }
+        if self.hold_rtp_of == Some(peer) && is_rtp(&contents) {
+            self.held.push_back((source, contents));
+        } else {
+            self.sfu
+                .handle_datagrams(self.now, iter::once((source, contents.as_slice())));
+        }
+    }
+
+    fn reply_to_peer(&mut self, reply: ToAccept) {
+        match reply {
+            ToAccept::Send { conn, text } => {
+                self.peers[conn as usize].handle_signal(&text, self.now)
+            }
+            ToAccept::Close { conn, code, .. } => self.closed.push((conn as usize, code)),
+            refused => panic!("the SFU refused a client: {refused:?}"),
+        }
+    }
+
+    /// Hands an SFU datagram to the client it is addressed to, unless the network
+    /// loses it.
+    pub fn deliver(&mut self, t: Transmit) {
+        let (peer, leg) = leg_of(t.destination);
+        if self.cut[peer] {
+            return;
+        }
+        if let Some((lossy, every)) = self.lose_rtp_to
+            && lossy == peer
+            && leg == Leg::Subscriber
+            && is_rtp(&t.contents)
+        {
+            self.rtp_to_lossy += 1;
+            if self.rtp_to_lossy.is_multiple_of(every) {
+                return;
+            }
+        }
+        self.peers[peer].handle_datagram(leg, t.source, &t.contents, self.now);
+    }
+}
