@@ -216,7 +216,9 @@ fn udp_garbage_does_not_disturb_a_room() {
     let base = b
         .wait_for(WAIT, |s| receives_from(s, &[a.peer_id()]))
         .expect("media flows");
-    let before = base.track(a.peer_id(), MediaKind::Video).map_or(0, |t| t.received);
+    let before = base
+        .track(a.peer_id(), MediaKind::Video)
+        .map_or(0, |t| t.received);
 
     let (_, health) = server.get("/health");
     let health: serde_json::Value = serde_json::from_str(&health).expect("json");
