@@ -150,17 +150,57 @@ fn late_joiner_gets_a_keyframe_quickly() {
     assert!(stats.violations.is_empty(), "{:?}", stats.violations);
 }
 
+/// Two publishers in a room with media flowing, for tests that disturb the server
+/// and then check the room did not notice.
+struct CalmRoom {
+    a: Client,
+    b: Client,
+    /// Video packets `b` had received from `a` before the disturbance.
+    before: u64,
+}
+
+impl CalmRoom {
+    fn start(server: &TestServer, room: &str) -> Self {
+        let a = publisher(server, room, "a");
+        let b = publisher(server, room, "b");
+        let base = b
+            .wait_for(WAIT, |s| receives_from(s, &[a.peer_id()]))
+            .expect("media flows");
+        let before = base
+            .track(a.peer_id(), MediaKind::Video)
+            .map_or(0, |t| t.received);
+        Self { a, b, before }
+    }
+
+    /// Media kept flowing without loss, and neither participant saw an error.
+    fn assert_undisturbed(&self) {
+        let stats = self
+            .b
+            .wait_for(WAIT, |s| {
+                s.track(self.a.peer_id(), MediaKind::Video)
+                    .is_some_and(|t| t.received > self.before + 60)
+            })
+            .expect("media keeps flowing during and after the disturbance");
+        let video = stats
+            .track(self.a.peer_id(), MediaKind::Video)
+            .expect("video");
+        assert_eq!(video.lost, 0, "{video:?}");
+        for client in [&self.a, &self.b] {
+            let s = client.snapshot();
+            assert!(
+                s.errors.is_empty(),
+                "bystanders see no errors: {:?}",
+                s.errors
+            );
+            assert!(s.violations.is_empty(), "{:?}", s.violations);
+        }
+    }
+}
+
 #[test]
 fn garbage_flood_does_not_disturb_a_room() {
     let server = TestServer::start(&[]);
-    let a = publisher(&server, "calm", "a");
-    let b = publisher(&server, "calm", "b");
-    let base = b
-        .wait_for(WAIT, |s| receives_from(s, &[a.peer_id()]))
-        .expect("media flows");
-    let before = base
-        .track(a.peer_id(), MediaKind::Video)
-        .map_or(0, |t| t.received);
+    let room = CalmRoom::start(&server, "calm");
 
     // The flooder shares the room and the shard.
     let (mut flooder, _) = Ws::join(&server.ws_url("calm"), "calm", "flooder");
@@ -189,36 +229,13 @@ fn garbage_flood_does_not_disturb_a_room() {
         "{codes:?}"
     );
 
-    let stats = b
-        .wait_for(WAIT, |s| {
-            s.track(a.peer_id(), MediaKind::Video)
-                .is_some_and(|t| t.received > before + 60)
-        })
-        .expect("media keeps flowing during and after the flood");
-    let video = stats.track(a.peer_id(), MediaKind::Video).expect("video");
-    assert_eq!(video.lost, 0, "{video:?}");
-    for client in [&a, &b] {
-        let s = client.snapshot();
-        assert!(
-            s.errors.is_empty(),
-            "bystanders see no errors: {:?}",
-            s.errors
-        );
-        assert!(s.violations.is_empty(), "{:?}", s.violations);
-    }
+    room.assert_undisturbed();
 }
 
 #[test]
 fn udp_garbage_does_not_disturb_a_room() {
     let server = TestServer::start(&[]);
-    let a = publisher(&server, "udp", "a");
-    let b = publisher(&server, "udp", "b");
-    let base = b
-        .wait_for(WAIT, |s| receives_from(s, &[a.peer_id()]))
-        .expect("media flows");
-    let before = base
-        .track(a.peer_id(), MediaKind::Video)
-        .map_or(0, |t| t.received);
+    let room = CalmRoom::start(&server, "udp");
 
     let (_, health) = server.get("/health");
     let health: serde_json::Value = serde_json::from_str(&health).expect("json");
@@ -250,15 +267,7 @@ fn udp_garbage_does_not_disturb_a_room() {
         let _ = socket.send_to(&junk[..len], ("127.0.0.1", port));
     }
 
-    let stats = b
-        .wait_for(WAIT, |s| {
-            s.track(a.peer_id(), MediaKind::Video)
-                .is_some_and(|t| t.received > before + 60)
-        })
-        .expect("media keeps flowing during and after the junk");
-    let video = stats.track(a.peer_id(), MediaKind::Video).expect("video");
-    assert_eq!(video.lost, 0, "{video:?}");
-    assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+    room.assert_undisturbed();
     let (_, metrics) = server.get("/metrics");
     let unrouted: u64 = metrics
         .lines()
