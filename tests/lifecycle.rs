@@ -1,6 +1,7 @@
 //! Deterministic runs of one shard's SFU over the in-memory network (`sim`), for what
 //! needs time to pass or packets to vanish: ICE consent expiry removes a participant
-//! that went silent, and NACKs recover lost packets from the resend buffer.
+//! that went silent, NACKs recover lost packets from the resend buffer, and voice
+//! activity follows the audio level.
 
 #[path = "sim/mod.rs"]
 mod sim;
@@ -50,16 +51,29 @@ fn a_silent_participant_is_removed_when_ice_consent_expires() {
     assert_eq!(net.sfu.counters.active_participants, 2);
 
     // The two who remain still exchange media.
-    let before = net.peers[0].stats().tracks.iter().map(|t| t.received).sum::<u64>();
+    let before = net.peers[0]
+        .stats()
+        .tracks
+        .iter()
+        .map(|t| t.received)
+        .sum::<u64>();
     net.run_until("media keeps flowing", |net| {
-        net.peers[0].stats().tracks.iter().map(|t| t.received).sum::<u64>() > before + 50
+        net.peers[0]
+            .stats()
+            .tracks
+            .iter()
+            .map(|t| t.received)
+            .sum::<u64>()
+            > before + 50
     });
 }
 
 #[test]
 fn nacks_recover_lost_video_from_the_resend_buffer() {
     let mut net = Network::new(vec![peer("pub", true), peer("sub", false)]);
-    net.run_until("the subscriber receives video", |net| net.receives_video(1, 10));
+    net.run_until("the subscriber receives video", |net| {
+        net.receives_video(1, 10)
+    });
     // Lose every 7th RTP datagram on the way to the subscriber from now on.
     net.lose_rtp_to = Some((1, 7));
     net.run_until("300 more video packets", |net| net.receives_video(1, 310));
@@ -73,6 +87,38 @@ fn nacks_recover_lost_video_from_the_resend_buffer() {
         .find(|t| t.kind == MediaKind::Video)
         .expect("video");
     assert_eq!(video.lost, 0, "every lost packet was resent: {video:?}");
-    assert!(video.reordered > 0, "resends arrive late, so losses did happen");
+    assert!(
+        video.reordered > 0,
+        "resends arrive late, so losses did happen"
+    );
     assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+}
+
+#[test]
+fn voice_activity_follows_the_audio_level() {
+    let mut net = Network::new(vec![peer("talker", true), peer("listener", false)]);
+    net.run_until("audio flows", |net| {
+        net.peers[1]
+            .stats()
+            .tracks
+            .iter()
+            .any(|t| t.kind == MediaKind::Audio && t.received > 10)
+    });
+    let talker = peer_id(&net, 0);
+    let speaking = |net: &Network| {
+        let stats = net.peers[1].stats();
+        stats.peers.get(&talker).map(|p| (p.flags.speaking, p.speaking_events))
+    };
+    assert_eq!(speaking(&net), Some((false, 0)), "silence is not speech");
+
+    net.peers[0].set_audio_level(-20);
+    net.run_until("speaking starts", |net| speaking(net) == Some((true, 1)));
+    net.peers[0].set_audio_level(-127);
+    net.run_until("speaking stops", |net| speaking(net) == Some((false, 2)));
+    let level = net.peers[1].stats().peers[&talker].level;
+    assert!(level.is_some_and(|l| l > 60), "quiet level reported: {level:?}");
+    assert!(
+        net.peers[0].stats().violations.is_empty(),
+        "the talker is not told about itself"
+    );
 }

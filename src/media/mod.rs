@@ -1,8 +1,9 @@
 //! Media building blocks the shard's packet path (`crate::sfu`) is made of: demuxing
-//! datagrams to connections (`router`), per-subscriber rewriting (`forward`), str0m
-//! configuration (`rtc`) and batched socket IO (`udp`).
+//! datagrams to connections (`router`), per-subscriber rewriting (`forward`), voice
+//! activity (`speaking`), str0m configuration (`rtc`) and batched socket IO (`udp`).
 
 pub mod forward;
 pub mod router;
 pub mod rtc;
+pub mod speaking;
 pub mod udp;

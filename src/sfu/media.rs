@@ -10,6 +10,7 @@
 //!    encrypts, and the runtime sends `transmits` with one `sendmmsg`.
 //!
 //! Keyframe requests (PLI) travel the other way, throttled per published track.
+//! Audio levels feed voice activity detection on the way through.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -26,6 +27,7 @@ use crate::config::KEYFRAME_REQUEST_INTERVAL;
 use crate::media::forward::is_keyframe_start;
 use crate::media::rtc::codec_of;
 use crate::shard::messages::ConnId;
+use crate::signaling::protocol::ServerMsg;
 
 impl Sfu {
     /// Step 1: one receive batch.
@@ -108,6 +110,12 @@ impl Sfu {
             }
         };
         let keyframe = track.kind == MediaKind::Video && is_keyframe_start(codec, &packet.payload);
+        let speaking = packet
+            .header
+            .ext_vals
+            .audio_level
+            .and_then(|level| track.speaking.update(now, level.unsigned_abs()))
+            .map(|speaking| (speaking, track.speaking.level()));
         // The fan-out list is borrowed out of the track while subscribers are written.
         let fanout = std::mem::take(&mut track.fanout);
         let track_key: TrackKey = (publisher, mid);
@@ -162,6 +170,24 @@ impl Sfu {
         if wants_keyframe {
             self.request_keyframe(now, track_key);
         }
+        if let Some((speaking, level)) = speaking {
+            self.announce_speaking(publisher, speaking, level);
+        }
+    }
+
+    /// Tells the rest of the room that a participant started or stopped speaking.
+    fn announce_speaking(&mut self, conn: ConnId, speaking: bool, level: u8) {
+        let Some(p) = self.peers.get(&conn) else {
+            return;
+        };
+        let text = ServerMsg::Speaking {
+            peer_id: &p.peer_id,
+            speaking,
+            level,
+        }
+        .to_text();
+        let session_id = p.session_id.clone();
+        self.broadcast(&session_id, conn, &text);
     }
 
     /// Asks a publisher for a keyframe, at most once per `KEYFRAME_REQUEST_INTERVAL`.

@@ -10,6 +10,7 @@ use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid};
 
 use crate::media::forward::Rewriter;
+use crate::media::speaking::SpeakingDetector;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::MediaState;
 
@@ -67,6 +68,8 @@ pub struct PublishedTrack {
     pub last_codec: Option<(u8, Codec)>,
     /// Throttles keyframe requests sent to the publisher on subscribers' behalf.
     pub last_keyframe_request: Option<Instant>,
+    /// Voice activity of an audio track, from its packets' audio level.
+    pub speaking: SpeakingDetector,
 }
 
 /// What one participant receives of one published track.

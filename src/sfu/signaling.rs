@@ -74,7 +74,7 @@ impl Sfu {
     }
 
     /// Sends to everyone in the room but `except`.
-    fn broadcast(&mut self, session_id: &str, except: ConnId, text: &str) {
+    pub(super) fn broadcast(&mut self, session_id: &str, except: ConnId, text: &str) {
         let Some(room) = self.rooms.get(session_id) else {
             return;
         };
@@ -345,6 +345,7 @@ impl Sfu {
             fanout: Vec::new(),
             last_codec: None,
             last_keyframe_request: None,
+            speaking: Default::default(),
         };
         let text = track_published(&p.peer_id, &track);
         info!(shard = self.shard, room = %p.session_id, peer = %p.peer_id, track = %track.track_id, kind = kind_str(kind), "track published");

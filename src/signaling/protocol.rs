@@ -297,6 +297,11 @@ pub enum ServerMsg<'a> {
         peer_id: &'a str,
         track_id: &'a str,
     },
+    Speaking {
+        peer_id: &'a str,
+        speaking: bool,
+        level: u8,
+    },
     Error {
         code: ErrorCode,
         message: &'a str,
