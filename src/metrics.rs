@@ -180,5 +180,35 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], accept: &AcceptMetrics) -
         let _ = writeln!(out, "# TYPE {name} {kind}");
         let _ = writeln!(out, "{name} {}", cell.load(Relaxed));
     }
+    if let Some((cpu_seconds, rss_bytes)) = process_usage() {
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total User and system CPU time."
+        );
+        let _ = writeln!(out, "# TYPE process_cpu_seconds_total counter");
+        let _ = writeln!(out, "process_cpu_seconds_total {cpu_seconds}");
+        let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident memory.");
+        let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
+        let _ = writeln!(out, "process_resident_memory_bytes {rss_bytes}");
+    }
     out
+}
+
+/// The standard process metrics, from /proc (so load tests can size a remote host).
+fn process_usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is parenthesised and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let (hz, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let (hz, page) = (u64::try_from(hz).ok()?.max(1), u64::try_from(page).ok()?);
+    Some((ticks as f64 / hz as f64, pages * page))
 }

@@ -102,6 +102,8 @@ fn http_endpoints_answer() {
         "rtc_join_ticket_issued_total",
         "rtc_forwarded_packets_total",
         "rtc_forwarded_bytes_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
     ] {
         assert!(
             body.contains(&format!("# TYPE {name} ")),

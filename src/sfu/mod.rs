@@ -62,7 +62,7 @@ pub struct Sfu {
     rooms: HashMap<String, Room>,
     peers: HashMap<ConnId, Participant>,
     router: Router<LegKey>,
-    /// str0m deadlines; an entry is stale when its leg's deadline has moved.
+    /// str0m deadlines; an entry is stale when its leg's `scheduled` differs.
     timers: BinaryHeap<Reverse<(Instant, LegKey)>>,
     /// RTP packets a publisher produced, waiting to fan out (reused, never shrunk).
     forward_queue: Vec<(ConnId, RtpPacket)>,
@@ -124,9 +124,10 @@ impl Sfu {
                 continue;
             };
             let leg = p.leg_mut(key.1);
-            if leg.deadline != at {
-                continue; // stale entry
+            if leg.scheduled != Some(at) {
+                continue; // superseded by an earlier deadline
             }
+            leg.scheduled = None;
             if let Err(e) = leg.rtc.handle_input(Input::Timeout(now)) {
                 debug!(conn = key.0, error = %e, "rtc failed on timeout");
                 self.doomed.push((key.0, "rtc error"));
@@ -152,8 +153,11 @@ impl Sfu {
             match leg.rtc.poll_output() {
                 Ok(Output::Transmit(t)) => self.transmits.push(t),
                 Ok(Output::Timeout(at)) => {
-                    if at != leg.deadline {
-                        leg.deadline = at;
+                    // One live entry per leg: a later deadline waits for the entry
+                    // already queued (an early tick is harmless to str0m), so the
+                    // heap does not grow with every packet.
+                    if leg.scheduled.is_none_or(|queued| at < queued) {
+                        leg.scheduled = Some(at);
                         self.timers.push(Reverse((at, key)));
                     }
                     break;
@@ -226,6 +230,22 @@ impl Sfu {
             {
                 break;
             }
+        }
+        // Stale entries come only from deadlines moving earlier; if they ever pile up,
+        // rebuild from the live ones so the heap stays bounded by the legs.
+        if self.timers.len() > 4 * self.peers.len() + 1024 {
+            self.timers = self
+                .peers
+                .iter()
+                .flat_map(|(conn, p)| {
+                    [
+                        (Side::Publisher, &p.publisher),
+                        (Side::Subscriber, &p.subscriber),
+                    ]
+                    .into_iter()
+                    .filter_map(move |(side, leg)| Some(Reverse((leg.scheduled?, (*conn, side)))))
+                })
+                .collect();
         }
         self.counters.active_rooms = self.rooms.len() as u64;
         self.counters.active_participants = self.peers.len() as u64;

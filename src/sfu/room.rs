@@ -27,8 +27,9 @@ pub struct Room {
 pub struct Leg {
     pub rtc: Rtc,
     pub ufrag: String,
-    /// When str0m next wants `Input::Timeout`.
-    pub deadline: Instant,
+    /// The timer queued for this leg (the earliest deadline str0m asked for since
+    /// the last one fired).
+    pub scheduled: Option<Instant>,
     pub connected: bool,
     /// Already queued for this round's tick (see `Sfu::touch`).
     pub touched: bool,

@@ -127,7 +127,7 @@ impl Sfu {
             Leg {
                 rtc,
                 ufrag,
-                deadline: now,
+                scheduled: None,
                 connected: false,
                 touched: false,
             }

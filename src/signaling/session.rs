@@ -4,12 +4,13 @@
 //! participant leaves the room at once.
 
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
+use futures::future::{ready, select};
 use futures::{StreamExt, stream};
 use glommio::net::TcpStream;
 use tracing::{Instrument, debug, info_span};
@@ -18,6 +19,9 @@ use super::protocol::{self, ClientMsg, ErrorCode, Refusal, Request, ServerMsg};
 use super::{Hub, Outbound};
 use crate::shard::messages::{ConnId, ToShard};
 use crate::shard::shard_for;
+
+/// How long a closing session waits for the client's close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 enum Event {
     Client(Result<Message, WsError>),
@@ -99,25 +103,23 @@ impl Session {
             .chain(stream::once(futures::future::ready(Event::Overflow)));
         let mut events = stream::select(client.map(Event::Client), shard_events);
         let mut closed_by_server = false;
+        // The close frame we answer with, if the server ends the session.
+        let mut closing = None;
         while let Some(event) = events.next().await {
             let reply = match event {
                 Event::Client(Ok(Message::Text(text))) => self.on_text(text.as_str()),
                 Event::Client(Ok(Message::Binary(_))) => {
-                    let _ = sink
-                        .close(Some(close(
-                            CloseCode::Unsupported,
-                            "binary frames are not accepted",
-                        )))
-                        .await;
+                    closing = Some(close(
+                        CloseCode::Unsupported,
+                        "binary frames are not accepted",
+                    ));
                     break;
                 }
                 Event::Client(Ok(Message::Close(_))) => break,
                 Event::Client(Ok(_)) => None, // ping/pong: tungstenite answers pings
                 Event::Client(Err(WsError::Capacity(e))) => {
                     debug!(error = %e, "message too large");
-                    let _ = sink
-                        .close(Some(close(CloseCode::Size, "message too large")))
-                        .await;
+                    closing = Some(close(CloseCode::Size, "message too large"));
                     break;
                 }
                 Event::Client(Err(e)) => {
@@ -131,13 +133,11 @@ impl Session {
                 }
                 Event::Shard(Outbound::Close(code, reason)) => {
                     closed_by_server = true;
-                    let _ = sink.close(Some(close(CloseCode::from(code), reason))).await;
+                    closing = Some(close(CloseCode::from(code), reason));
                     break;
                 }
                 Event::Overflow => {
-                    let _ = sink
-                        .close(Some(close(CloseCode::Policy, "not reading fast enough")))
-                        .await;
+                    closing = Some(close(CloseCode::Policy, "not reading fast enough"));
                     break;
                 }
             };
@@ -147,7 +147,18 @@ impl Session {
                 break;
             }
         }
-        let _ = sink.close(None).await;
+        let server_closes = closing.is_some();
+        let _ = sink.close(closing).await;
+        if server_closes {
+            // RFC 6455 §7.1.1: wait (briefly) for the client's close frame before
+            // dropping TCP, or a message it sent meanwhile draws a reset that can
+            // destroy our close frame before the client reads it.
+            let client_done = events
+                .take_while(|e| ready(!matches!(e, Event::Client(Ok(Message::Close(_)) | Err(_)))))
+                .for_each(|_| ready(()));
+            futures::pin_mut!(client_done);
+            let _ = select(client_done, glommio::timer::Timer::new(CLOSE_GRACE)).await;
+        }
         if let (Joined::Shard(shard), false) = (self.joined, closed_by_server)
             && let Some(handle) = self.hub.shards.get(shard)
         {
