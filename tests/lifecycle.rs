@@ -107,7 +107,10 @@ fn voice_activity_follows_the_audio_level() {
     let talker = peer_id(&net, 0);
     let speaking = |net: &Network| {
         let stats = net.peers[1].stats();
-        stats.peers.get(&talker).map(|p| (p.flags.speaking, p.speaking_events))
+        stats
+            .peers
+            .get(&talker)
+            .map(|p| (p.flags.speaking, p.speaking_events))
     };
     assert_eq!(speaking(&net), Some((false, 0)), "silence is not speech");
 
@@ -116,7 +119,10 @@ fn voice_activity_follows_the_audio_level() {
     net.peers[0].set_audio_level(-127);
     net.run_until("speaking stops", |net| speaking(net) == Some((false, 2)));
     let level = net.peers[1].stats().peers[&talker].level;
-    assert!(level.is_some_and(|l| l > 60), "quiet level reported: {level:?}");
+    assert!(
+        level.is_some_and(|l| l > 60),
+        "quiet level reported: {level:?}"
+    );
     assert!(
         net.peers[0].stats().violations.is_empty(),
         "the talker is not told about itself"

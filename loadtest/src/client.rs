@@ -193,6 +193,7 @@ impl Client {
                 ..MediaConfig::default()
             },
             message_log_capacity: config.message_log_capacity,
+            measure: true,
         };
         let peer = Peer::new(
             peer_config,
@@ -541,17 +542,19 @@ fn udp_reader(socket: UdpSocket, leg: Leg, tx: SyncSender<Input>, stop: Arc<Atom
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
-            // ICMP errors from earlier sends and signal interruptions are transient.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionRefused
-                        | ErrorKind::ConnectionReset
-                        | ErrorKind::Interrupted
-                ) => {}
+            Err(e) if transient_udp_error(e.kind()) => {}
             Err(_) => return,
         }
     }
+}
+
+/// A UDP receive error to read past: ICMP errors of earlier sends, and signal
+/// interruptions.
+pub(crate) fn transient_udp_error(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::Interrupted
+    )
 }
 
 /// The str0m-style loop: wait for input or the peer's deadline, feed the peer,
@@ -643,7 +646,7 @@ fn flush(peer: &mut Peer, sockets: &Sockets, ws: &Sender<WsOut>) {
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

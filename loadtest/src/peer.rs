@@ -4,18 +4,26 @@
 //!
 //! Like str0m itself it never touches a socket or a clock: signaling text, UDP
 //! datagrams and time go in; signaling text, datagrams and a deadline come out. The
-//! threaded test client ([`crate::client`]) and a future many-client load loop both
+//! threaded test client ([`crate::client`]) and the load harness's event loop both
 //! drive this same type. After any input, drain [`Peer::poll_signal`] and
 //! [`Peer::poll_transmit`], then wake again at [`Peer::poll_timeout`].
 //!
 //! Each connection has its own local UDP socket, so the caller says which [`Leg`] a
 //! datagram arrived on and every [`Transmit`] says which socket to send it from.
+//!
+//! A peer either measures what it receives (decrypts every packet: per-track stats,
+//! latency and loss from the stamps) or, for the load harness's cheap subscribers,
+//! only counts it: RTP headers are in the clear under SRTP, so packets, bytes and
+//! sequence gaps are read from the header and the packet is dropped before str0m.
+//! STUN, DTLS and RTCP always reach str0m, so ICE consent and DTLS stay alive.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
@@ -26,7 +34,7 @@ use crate::media::{AudioSource, MediaConfig, MediaPacket, VideoSource};
 use crate::payload::{Stamp, parse_vp8};
 use crate::protocol::{ClientMessage, MediaFlags, ServerMessage, Target, message_type};
 use crate::sdp::{MediaSection, summarize};
-use crate::stats::{Histogram, SeqTracker, Summary};
+use crate::stats::{Histogram, RtpSeqTracker, SeqTracker, Summary};
 
 /// Bounds on everything a long-running or misbehaving session could grow.
 const MAX_ERRORS: usize = 64;
@@ -103,6 +111,9 @@ pub struct PeerConfig {
     pub media: MediaConfig,
     /// How many received signaling messages to keep for inspection (0 keeps none).
     pub message_log_capacity: usize,
+    /// Decrypt and measure received media; `false` only counts it (see the module
+    /// docs), which costs a fraction of the CPU.
+    pub measure: bool,
 }
 
 impl PeerConfig {
@@ -116,6 +127,7 @@ impl PeerConfig {
             publish_video: true,
             media: MediaConfig::default(),
             message_log_capacity: 256,
+            measure: true,
         }
     }
 }
@@ -241,6 +253,51 @@ pub struct SentStats {
     pub bytes: u64,
 }
 
+/// Receive totals of the subscriber connection, cheap enough to read every second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RxTotals {
+    /// RTP datagrams received.
+    pub packets: u64,
+    /// Their size on the wire (SRTP header, payload and tag).
+    pub bytes: u64,
+    /// Distinct packets: by stamp when measuring, by RTP sequence number otherwise.
+    pub received: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+}
+
+impl RxTotals {
+    /// Adds `other`'s counts.
+    pub fn add(&mut self, other: &RxTotals) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.received += other.received;
+        self.lost += other.lost;
+        self.duplicates += other.duplicates;
+        self.reordered += other.reordered;
+    }
+
+    fn add_seq(&mut self, seq: &SeqTracker) {
+        self.received += seq.unique();
+        self.lost += seq.lost();
+        self.duplicates += seq.duplicates();
+        self.reordered += seq.reordered();
+    }
+}
+
+/// When the session reached each step, for the harness's join figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Milestones {
+    /// `joined` arrived.
+    pub joined: Option<Instant>,
+    /// The first `track_published` of a video track arrived: from then on, video is
+    /// something we are waiting for.
+    pub video_announced: Option<Instant>,
+    /// The first video RTP packet arrived (the server starts video at a keyframe).
+    pub first_video: Option<Instant>,
+}
+
 /// A snapshot of everything a test may want to assert on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientStats {
@@ -338,7 +395,13 @@ struct Endpoint {
 impl Endpoint {
     fn new(leg: Leg, local: SocketAddr, now: Instant) -> Self {
         // RTP mode: we write ready RTP payloads and read packets without depacketizing.
-        let mut config = Rtc::builder().set_rtp_mode(true);
+        let (provider, cert) = shared_crypto();
+        let mut config = Rtc::builder()
+            .set_rtp_mode(true)
+            .set_crypto_provider(provider.clone());
+        if let Some(cert) = cert {
+            config = config.set_dtls_cert(cert.clone());
+        }
         if leg == Leg::Publisher {
             // Offer exactly what we generate, so the server cannot pick another codec.
             config = config
@@ -358,6 +421,54 @@ impl Endpoint {
             timeout: now,
         }
     }
+}
+
+/// Which connections had input since they were last drained.
+#[derive(Debug, Clone, Copy)]
+struct Touched {
+    publisher: bool,
+    subscriber: bool,
+}
+
+impl Touched {
+    const NONE: Touched = Touched {
+        publisher: false,
+        subscriber: false,
+    };
+    const BOTH: Touched = Touched {
+        publisher: true,
+        subscriber: true,
+    };
+
+    fn leg(leg: Leg) -> Touched {
+        Touched::NONE.with(leg)
+    }
+
+    fn with(self, leg: Leg) -> Touched {
+        match leg {
+            Leg::Publisher => Touched {
+                publisher: true,
+                ..self
+            },
+            Leg::Subscriber => Touched {
+                subscriber: true,
+                ..self
+            },
+        }
+    }
+}
+
+/// One crypto provider and one DTLS certificate for every connection in the process.
+/// Generating a certificate costs a fraction of a millisecond per connection, which
+/// adds up over a load run's joins, and nothing requires them to differ: each DTLS
+/// session still has its own keys.
+fn shared_crypto() -> &'static (Arc<CryptoProvider>, Option<DtlsCert>) {
+    static SHARED: OnceLock<(Arc<CryptoProvider>, Option<DtlsCert>)> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let provider = str0m::crypto::from_feature_flags();
+        let cert = provider.dtls_provider.generate_certificate();
+        (Arc::new(provider), cert)
+    })
 }
 
 struct Publishing {
@@ -414,6 +525,12 @@ pub struct Peer {
     offered: Vec<MediaSection>,
     server_addrs: Vec<SocketAddr>,
     rx: BTreeMap<(String, String, String), TrackRx>,
+    /// Latency samples since the last [`Peer::drain_latency`]; allocated on first use.
+    interval_latency: Option<Histogram>,
+    /// Counting mode: sequence tracking per SSRC, read from clear RTP headers.
+    clear_rx: Vec<(u32, RtpSeqTracker)>,
+    rx_wire: RxTotals,
+    milestones: Milestones,
     unattributed_packets: u64,
     peers: BTreeMap<String, RemotePeer>,
     peers_left: VecDeque<String>,
@@ -466,6 +583,10 @@ impl Peer {
             offered: Vec::new(),
             server_addrs: Vec::new(),
             rx: BTreeMap::new(),
+            interval_latency: None,
+            clear_rx: Vec::new(),
+            rx_wire: RxTotals::default(),
+            milestones: Milestones::default(),
             unattributed_packets: 0,
             peers: BTreeMap::new(),
             peers_left: VecDeque::new(),
@@ -519,7 +640,7 @@ impl Peer {
         self.config.publish_audio = audio;
         self.config.publish_video = video;
         self.negotiate_publisher();
-        self.drive(now);
+        self.drive(now, Touched::BOTH);
     }
 
     /// Changes the RFC 6464 level of subsequent audio packets (-127 silence .. 0).
@@ -544,7 +665,7 @@ impl Peer {
             Ok(message) => self.on_message(message, now),
             Err(e) => self.violation(format!("unparseable server message ({e}): {text:.200}")),
         }
-        self.drive(now);
+        self.drive(now, Touched::BOTH);
     }
 
     /// The signaling channel is gone; media stops and the peer is finished.
@@ -564,6 +685,16 @@ impl Peer {
     /// A datagram that arrived on `leg`'s socket from `source` at `at`.
     pub fn handle_datagram(&mut self, leg: Leg, source: SocketAddr, contents: &[u8], at: Instant) {
         let at = self.advance(at);
+        if leg == Leg::Subscriber
+            && let Some(rtp) = ClearRtp::parse(contents)
+        {
+            self.rx_wire.packets += 1;
+            self.rx_wire.bytes += contents.len() as u64;
+            if !self.config.measure {
+                self.count_rtp(rtp, at);
+                return;
+            }
+        }
         let Ok(contents) = contents.try_into() else {
             return;
         };
@@ -585,21 +716,26 @@ impl Peer {
         if let Err(e) = endpoint.rtc.handle_input(input) {
             self.violation(format!("{leg:?} rejected a datagram: {e}"));
         }
-        self.drive(at);
+        self.drive(at, Touched::leg(leg));
     }
 
     /// Time passed; call at [`Peer::poll_timeout`] (calling earlier is harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
         let now = self.advance(now);
+        let mut touched = Touched::NONE;
         for leg in [Leg::Publisher, Leg::Subscriber] {
             let endpoint = self.endpoint(leg);
-            if endpoint.rtc.is_alive()
-                && let Err(e) = endpoint.rtc.handle_input(Input::Timeout(now))
-            {
+            // A connection is only woken when its own deadline passed: str0m's
+            // timeout handling is most of an idle participant's cost.
+            if !endpoint.rtc.is_alive() || endpoint.timeout > now {
+                continue;
+            }
+            touched = touched.with(leg);
+            if let Err(e) = endpoint.rtc.handle_input(Input::Timeout(now)) {
                 self.violation(format!("{leg:?} timeout handling failed: {e}"));
             }
         }
-        self.drive(now);
+        self.drive(now, touched);
     }
 
     /// Next signaling message to send.
@@ -636,6 +772,51 @@ impl Peer {
     /// Change counters, for deciding when to take a snapshot.
     pub fn generation(&self) -> Generation {
         self.generation
+    }
+
+    /// Where the signaling session stands.
+    pub fn state(&self) -> &SessionState {
+        &self.state
+    }
+
+    /// How the signaling channel ended, once it has.
+    pub fn closed(&self) -> Option<&CloseInfo> {
+        self.closed.as_ref()
+    }
+
+    /// When the session reached each step.
+    pub fn milestones(&self) -> Milestones {
+        self.milestones
+    }
+
+    /// What we sent so far.
+    pub fn sent(&self) -> SentStats {
+        self.sent
+    }
+
+    /// Receive totals over all tracks, from stamps when measuring, from RTP sequence
+    /// numbers otherwise.
+    pub fn rx_totals(&self) -> RxTotals {
+        let mut totals = RxTotals {
+            packets: self.rx_wire.packets,
+            bytes: self.rx_wire.bytes,
+            ..RxTotals::default()
+        };
+        for track in self.rx.values() {
+            totals.add_seq(&track.seq);
+        }
+        for (_, stream) in &self.clear_rx {
+            totals.add_seq(stream.tracker());
+        }
+        totals
+    }
+
+    /// Moves the latency samples recorded since the last call into `into`.
+    pub fn drain_latency(&mut self, into: &mut Histogram) {
+        if let Some(h) = self.interval_latency.as_mut() {
+            into.merge(h);
+            h.clear();
+        }
     }
 
     /// A snapshot of the session and its media statistics.
@@ -730,6 +911,7 @@ impl Peer {
                 }
                 self.peer_id = Some(peer_id);
                 self.state = SessionState::Joined;
+                self.milestones.joined = Some(now);
                 self.negotiate_publisher();
             }
             ServerMessage::PeerJoined {
@@ -780,6 +962,12 @@ impl Peer {
                 kind,
                 source,
             } => {
+                if kind == "video"
+                    && self.milestones.video_announced.is_none()
+                    && self.peer_id.as_ref() != Some(&peer_id)
+                {
+                    self.milestones.video_announced = Some(now);
+                }
                 if self.announced.len() < MAX_RX_TRACKS {
                     let key = (peer_id.clone(), track_id.clone());
                     self.announced.insert(
@@ -932,6 +1120,11 @@ impl Peer {
 
     fn on_offer(&mut self, sdp: &str) {
         self.subscriber_offers += 1;
+        // After `leave` the server closes the socket; an answer sent into that close
+        // would only make its kernel reset the connection.
+        if self.state == SessionState::Left {
+            return;
+        }
         self.learn_server_addrs(sdp);
         let answer = SdpOffer::from_sdp_string(sdp)
             .map_err(|e| e.to_string())
@@ -1009,20 +1202,28 @@ impl Peer {
         }
     }
 
-    /// Generates due media and drains both connections, twice at most: a keyframe
+    /// Generates due media and drains the connections that had input (a connection
+    /// without input since its last drain has nothing new), twice at most: a keyframe
     /// request surfaced while draining makes a frame due immediately.
-    fn drive(&mut self, now: Instant) {
+    fn drive(&mut self, now: Instant, mut touched: Touched) {
         for _ in 0..2 {
-            self.generate_media(now);
-            self.poll_leg(Leg::Publisher, now);
-            self.poll_leg(Leg::Subscriber, now);
+            touched.publisher |= self.generate_media(now);
+            if touched.publisher {
+                self.poll_leg(Leg::Publisher, now);
+            }
+            if touched.subscriber {
+                self.poll_leg(Leg::Subscriber, now);
+            }
             if self.poll_timeout() > now {
                 break;
             }
+            touched = Touched::NONE;
         }
     }
 
-    fn generate_media(&mut self, now: Instant) {
+    /// Writes due media into the publisher connection; whether anything was written.
+    fn generate_media(&mut self, now: Instant) -> bool {
+        let before = self.sent;
         let unix = self.time_base.unix_micros(now);
         let media = &self.config.media;
         let audio_ext = ExtensionValues {
@@ -1065,6 +1266,7 @@ impl Peer {
                 }
             }
         }
+        self.sent != before
     }
 
     /// Drains one connection's output until it reports its next timeout.
@@ -1158,6 +1360,9 @@ impl Peer {
             self.unattributed_packets += 1;
             return;
         }
+        if kind == MediaKind::Video && self.milestones.first_video.is_none() {
+            self.milestones.first_video = Some(packet.timestamp);
+        }
         let received_unix = self.time_base.unix_micros(packet.timestamp);
         let track = self.rx.entry(key).or_insert_with(|| TrackRx::new(kind));
         track.packets += 1;
@@ -1174,12 +1379,41 @@ impl Peer {
         match Stamp::from_trailer(&packet.payload) {
             Some(stamp) => {
                 track.seq.record(stamp.seq);
-                track
-                    .latency
-                    .record(received_unix.saturating_sub(stamp.sent_unix_micros));
+                let latency = received_unix.saturating_sub(stamp.sent_unix_micros);
+                track.latency.record(latency);
+                self.interval_latency
+                    .get_or_insert_with(Histogram::default)
+                    .record(latency);
             }
             None => track.unstamped += 1,
         }
+    }
+
+    /// Counting mode: one RTP packet seen only by its clear header.
+    fn count_rtp(&mut self, rtp: ClearRtp, at: Instant) {
+        self.generation.media += 1;
+        if self.milestones.first_video.is_none()
+            && self
+                .offered
+                .iter()
+                .any(|m| m.kind == "video" && m.codecs.contains_key(&rtp.pt))
+        {
+            self.milestones.first_video = Some(at);
+        }
+        // A linear scan: a subscriber receives a few streams per publisher, and the
+        // SSRCs sit in one small contiguous array.
+        let index = match self.clear_rx.iter().position(|(ssrc, _)| *ssrc == rtp.ssrc) {
+            Some(i) => i,
+            None if self.clear_rx.len() < MAX_RX_TRACKS => {
+                self.clear_rx.push((rtp.ssrc, RtpSeqTracker::default()));
+                self.clear_rx.len() - 1
+            }
+            None => {
+                self.unattributed_packets += 1;
+                return;
+            }
+        };
+        self.clear_rx[index].1.record(rtp.seq);
     }
 
     fn endpoint(&mut self, leg: Leg) -> &mut Endpoint {
@@ -1208,6 +1442,31 @@ impl Peer {
             self.violations.pop_front();
         }
         self.violations.push_back(what);
+    }
+}
+
+/// The clear fields of an SRTP packet's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClearRtp {
+    pt: u8,
+    seq: u16,
+    ssrc: u32,
+}
+
+impl ClearRtp {
+    /// RTP (not RTCP, STUN or DTLS) by RFC 7983's first byte and RFC 5761's payload
+    /// type ranges; `None` for anything else.
+    fn parse(datagram: &[u8]) -> Option<ClearRtp> {
+        let header = datagram.get(..12)?;
+        let pt = header[1] & 0x7f;
+        if !(128..=191).contains(&header[0]) || (64..=95).contains(&pt) {
+            return None;
+        }
+        Some(ClearRtp {
+            pt,
+            seq: u16::from_be_bytes([header[2], header[3]]),
+            ssrc: u32::from_be_bytes([header[8], header[9], header[10], header[11]]),
+        })
     }
 }
 
@@ -1250,6 +1509,7 @@ fn write_rtp(
 mod tests {
     use super::*;
     use crate::payload::{Stamp, audio_payload};
+    use str0m::change::SdpApi;
     use str0m::media::KeyframeRequestKind;
 
     const PUB: &str = "127.0.0.1:50000";
@@ -1514,6 +1774,178 @@ mod tests {
         }
     }
 
+    impl FakeServer {
+        /// Changes the subscriber connection with `edit`, offers it to the peer, and
+        /// applies the peer's answer.
+        fn offer_subscriber<T>(
+            &mut self,
+            peer: &mut Peer,
+            now: Instant,
+            edit: impl FnOnce(&mut SdpApi) -> T,
+        ) -> T {
+            let mut change = self.subscriber.sdp_api();
+            let edited = edit(&mut change);
+            let (offer, pending) = change.apply().unwrap();
+            let offer = serde_json::json!({"type":"offer","sdp":offer.to_sdp_string()});
+            peer.handle_signal(&offer.to_string(), now);
+            let answer = signals(peer).remove(0);
+            assert_eq!(answer["type"], "answer");
+            let answer = SdpAnswer::from_sdp_string(answer["sdp"].as_str().unwrap()).unwrap();
+            self.subscriber
+                .sdp_api()
+                .accept_answer(pending, answer)
+                .unwrap();
+            edited
+        }
+
+        /// 20 ms of audio from "bob" with stamp `seq`, stamped 5 ms before `now`.
+        fn write_audio(&mut self, mid: Mid, seq: u64, start: Instant, now: Instant) {
+            let opus = self
+                .subscriber
+                .codec_config()
+                .find(|p| p.spec().codec == Codec::Opus)
+                .unwrap()
+                .pt();
+            let stamp = Stamp {
+                seq,
+                sent_unix_micros: 1_000_000 + (now.duration_since(start).as_micros() as u64)
+                    - 5_000,
+            };
+            let mut api = self.subscriber.direct_api();
+            let tx = api.stream_tx_by_mid(mid, None).unwrap();
+            tx.write_rtp(RtpWrite::new(
+                opus,
+                (100 + seq).into(),
+                seq as u32 * 960,
+                now,
+                audio_payload(100, stamp),
+            ));
+        }
+    }
+
+    /// Joins `peer`, answers its publisher offer, and has it accept a subscriber
+    /// offer with "bob"'s audio; returns the fake server and the audio's mid.
+    fn negotiated(mut peer: Peer, now: Instant) -> (Peer, FakeServer, Mid) {
+        let mut server = FakeServer::new(now);
+        let offer = joined(&mut peer, now).remove(0);
+        answer_offer(&mut peer, &mut server, &offer, now);
+        let audio_mid = server.offer_subscriber(&mut peer, now, |change| {
+            change.add_media(
+                MediaKind::Audio,
+                Direction::SendOnly,
+                Some("bob".into()),
+                Some("bobmic".into()),
+                None,
+            )
+        });
+        (peer, server, audio_mid)
+    }
+
+    #[test]
+    fn nothing_is_answered_after_leave() {
+        let now = Instant::now();
+        let mut peer = new_peer(now);
+        joined(&mut peer, now);
+        peer.leave();
+        assert_eq!(signals(&mut peer), [serde_json::json!({"type": "leave"})]);
+        let mut server = FakeServer::new(now);
+        let mut change = server.subscriber.sdp_api();
+        change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        let (offer, _) = change.apply().unwrap();
+        let offer = serde_json::json!({"type":"offer","sdp":offer.to_sdp_string()});
+        peer.handle_signal(&offer.to_string(), now);
+        assert!(signals(&mut peer).is_empty());
+        assert_eq!(peer.stats().subscriber_offers, 1);
+    }
+
+    #[test]
+    fn clear_rtp_headers_are_told_from_other_datagrams() {
+        let mut rtp = vec![
+            0x80,
+            0x80 | 111,
+            0x12,
+            0x34,
+            0,
+            0,
+            0,
+            1,
+            0xde,
+            0xad,
+            0xbe,
+            0xef,
+        ];
+        assert_eq!(
+            ClearRtp::parse(&rtp),
+            Some(ClearRtp {
+                pt: 111,
+                seq: 0x1234,
+                ssrc: 0xdead_beef
+            })
+        );
+        assert_eq!(ClearRtp::parse(&rtp[..11]), None, "short");
+        rtp[1] = 200; // RTCP sender report
+        assert_eq!(ClearRtp::parse(&rtp), None);
+        rtp[1] = 0x80 | 95; // RFC 5761: PT 64..=95 is RTCP's range
+        assert_eq!(ClearRtp::parse(&rtp), None);
+        rtp[0] = 0x00; // STUN
+        rtp[1] = 0x01;
+        assert_eq!(ClearRtp::parse(&rtp), None);
+        rtp[0] = 22; // DTLS handshake
+        assert_eq!(ClearRtp::parse(&rtp), None);
+    }
+
+    /// A counting subscriber never decrypts media, yet its ICE and DTLS stay up and
+    /// it counts packets and gaps from the clear headers.
+    #[test]
+    fn counting_subscriber_reads_headers_and_keeps_its_connection() {
+        let start = Instant::now();
+        let mut now = start;
+        let config = PeerConfig {
+            measure: false,
+            ..PeerConfig::new("room", "alice")
+        };
+        let peer = Peer::new(
+            config,
+            TimeBase::new(now, 1_000_000),
+            addr(PUB),
+            addr(SUB),
+            now,
+        );
+        let (mut peer, mut server, audio_mid) = negotiated(peer, now);
+        assert!(peer.milestones().joined.is_some());
+        let mut written = 0;
+        let mut seq = 0;
+        while now < start + Duration::from_secs(2) {
+            now += Duration::from_millis(5);
+            peer.handle_timeout(now);
+            server.exchange(&mut peer, now);
+            if server.subscriber.is_connected()
+                && now.duration_since(start).as_millis().is_multiple_of(20)
+            {
+                // Packet 10 is never sent: one gap.
+                if seq != 10 {
+                    server.write_audio(audio_mid, seq, start, now);
+                    written += 1;
+                }
+                seq += 1;
+            }
+        }
+        server.exchange(&mut peer, now);
+        let totals = peer.rx_totals();
+        assert!(written > 50, "{written}");
+        assert_eq!(totals.packets, written);
+        assert_eq!((totals.received, totals.lost), (written, 1));
+        assert!(totals.bytes > written * 100);
+        let stats = peer.stats();
+        assert!(stats.tracks.is_empty(), "nothing was decrypted");
+        assert!(stats.subscriber_connected);
+        assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+        assert_eq!(peer.milestones().first_video, None, "audio only");
+        let mut latency = Histogram::default();
+        peer.drain_latency(&mut latency);
+        assert_eq!(latency.count(), 0);
+    }
+
     /// Answers the peer's pending publisher offer the way the server would.
     fn answer_offer(
         peer: &mut Peer,
@@ -1565,42 +1997,7 @@ mod tests {
     fn media_flows_both_ways_through_a_fake_server() {
         let start = Instant::now();
         let mut now = start;
-        let mut peer = new_peer(now);
-        let mut server = FakeServer::new(now);
-
-        let offer = joined(&mut peer, now).remove(0);
-        let offer = SdpOffer::from_sdp_string(offer["sdp"].as_str().unwrap()).unwrap();
-        let answer = server.publisher.sdp_api().accept_offer(offer).unwrap();
-        let answer =
-            serde_json::json!({"type":"answer","sdp":answer.to_sdp_string(),"requestId":"offer-2"});
-        peer.handle_signal(&answer.to_string(), now);
-
-        let mut change = server.subscriber.sdp_api();
-        let audio_mid = change.add_media(
-            MediaKind::Audio,
-            Direction::SendOnly,
-            Some("bob".into()),
-            Some("bobmic".into()),
-            None,
-        );
-        let (offer, pending) = change.apply().unwrap();
-        let offer = serde_json::json!({"type":"offer","sdp":offer.to_sdp_string()});
-        peer.handle_signal(&offer.to_string(), now);
-        let answer = signals(&mut peer).remove(0);
-        assert_eq!(answer["type"], "answer");
-        let answer = SdpAnswer::from_sdp_string(answer["sdp"].as_str().unwrap()).unwrap();
-        server
-            .subscriber
-            .sdp_api()
-            .accept_answer(pending, answer)
-            .unwrap();
-
-        let opus = server
-            .subscriber
-            .codec_config()
-            .find(|p| p.spec().codec == Codec::Opus)
-            .unwrap()
-            .pt();
+        let (mut peer, mut server, audio_mid) = negotiated(new_peer(now), now);
         let mut sent = 0u64;
         let mut requested = false;
         while now < start + Duration::from_secs(3) {
@@ -1610,21 +2007,7 @@ mod tests {
             if server.subscriber.is_connected()
                 && now.duration_since(start).as_millis().is_multiple_of(20)
             {
-                // 20 ms audio from "bob", stamped like ours, 5 ms in flight.
-                let stamp = Stamp {
-                    seq: sent,
-                    sent_unix_micros: 1_000_000 + (now.duration_since(start).as_micros() as u64)
-                        - 5_000,
-                };
-                let mut api = server.subscriber.direct_api();
-                let tx = api.stream_tx_by_mid(audio_mid, None).unwrap();
-                tx.write_rtp(RtpWrite::new(
-                    opus,
-                    (100 + sent).into(),
-                    sent as u32 * 960,
-                    now,
-                    audio_payload(100, stamp),
-                ));
+                server.write_audio(audio_mid, sent, start, now);
                 sent += 1;
             }
             if !requested && now > start + Duration::from_millis(2500) {
@@ -1704,18 +2087,7 @@ mod tests {
         );
 
         // The server stops bob's track: the next offer no longer lists it.
-        let mut change = server.subscriber.sdp_api();
-        change.stop_media(audio_mid);
-        let (offer, pending) = change.apply().unwrap();
-        let offer = serde_json::json!({"type":"offer","sdp":offer.to_sdp_string()});
-        peer.handle_signal(&offer.to_string(), now);
-        let answer = signals(&mut peer).remove(0);
-        let answer = SdpAnswer::from_sdp_string(answer["sdp"].as_str().unwrap()).unwrap();
-        server
-            .subscriber
-            .sdp_api()
-            .accept_answer(pending, answer)
-            .unwrap();
+        server.offer_subscriber(&mut peer, now, |change| change.stop_media(audio_mid));
         let stats = peer.stats();
         assert_eq!(stats.subscriber_offers, 2);
         assert!(stats.active_msids().is_empty(), "{:?}", stats.offered);

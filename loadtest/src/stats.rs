@@ -140,6 +140,49 @@ impl SeqTracker {
     }
 }
 
+/// A [`SeqTracker`] fed with 16-bit RTP sequence numbers, extended to 64 bits across
+/// wrap-arounds: how the harness counts loss on packets it does not decrypt.
+#[derive(Debug, Clone, Default)]
+pub struct RtpSeqTracker {
+    highest: Option<u64>,
+    seq: SeqTracker,
+}
+
+/// Where the first extended number starts: far enough from 0 that packets from before
+/// the first one (reordered) never underflow.
+const RTP_SEQ_ORIGIN: u64 = 1 << 32;
+
+impl RtpSeqTracker {
+    /// Records one arrival and classifies it.
+    pub fn record(&mut self, seq: u16) -> Arrival {
+        let extended = match self.highest {
+            None => RTP_SEQ_ORIGIN + u64::from(seq),
+            Some(highest) => extend_seq(highest, seq),
+        };
+        self.highest = Some(self.highest.map_or(extended, |h| h.max(extended)));
+        self.seq.record(extended)
+    }
+
+    /// The counts so far.
+    pub fn tracker(&self) -> &SeqTracker {
+        &self.seq
+    }
+}
+
+/// The 64-bit number closest to `highest` whose low 16 bits are `seq` (RFC 3550
+/// appendix A.1's roll-over logic).
+fn extend_seq(highest: u64, seq: u16) -> u64 {
+    const CYCLE: u64 = 1 << 16;
+    let candidate = (highest & !(CYCLE - 1)) | u64::from(seq);
+    if candidate > highest && candidate - highest > CYCLE / 2 {
+        candidate.saturating_sub(CYCLE)
+    } else if candidate < highest && highest - candidate > CYCLE / 2 {
+        candidate + CYCLE
+    } else {
+        candidate
+    }
+}
+
 /// Nearest-rank percentile of an ascending slice: the smallest value such that at
 /// least `p` percent of the samples are less than or equal to it. `None` when empty.
 pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
@@ -225,6 +268,20 @@ impl Histogram {
         self.sum += other.sum;
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
+    }
+
+    /// Forgets every sample, keeping the allocation.
+    pub fn clear(&mut self) {
+        self.counts.fill(0);
+        self.count = 0;
+        self.sum = 0;
+        self.min = u64::MAX;
+        self.max = 0;
+    }
+
+    /// Number of samples.
+    pub fn count(&self) -> u64 {
+        self.count
     }
 
     /// Nearest-rank percentile, reported as its bucket's midpoint clamped to the exact
@@ -429,6 +486,41 @@ mod tests {
         for v in [100u64, 5_000, 123_456, 9_999_999] {
             assert_eq!(bucket_of(bucket_mid(bucket_of(v))), bucket_of(v));
         }
+    }
+
+    #[test]
+    fn rtp_sequence_numbers_extend_across_wraps() {
+        let mut t = RtpSeqTracker::default();
+        for s in (65_530..=65_535).chain(0..5) {
+            assert_eq!(t.record(s), Arrival::InOrder);
+        }
+        assert_eq!(t.tracker().unique(), 11);
+        assert_eq!(t.tracker().lost(), 0);
+        // A late packet from before the wrap is reordered, not a jump back by 2^16.
+        t.record(10);
+        assert_eq!(t.record(65_535), Arrival::Duplicate);
+        assert_eq!(t.record(7), Arrival::Reordered);
+        assert_eq!(t.tracker().lost(), 4, "5, 6, 8, 9 missing");
+        // A stream that starts right after a wrap point can see packets from before it.
+        let mut t = RtpSeqTracker::default();
+        t.record(1);
+        assert_eq!(t.record(65_535), Arrival::Reordered);
+        assert_eq!(t.tracker().lost(), 1, "0 missing");
+        assert_eq!(extend_seq(5 << 16, 3), (5 << 16) + 3);
+        assert_eq!(extend_seq((5 << 16) + 65_000, 10), (6 << 16) + 10);
+        assert_eq!(extend_seq((5 << 16) + 10, 65_000), (4 << 16) + 65_000);
+    }
+
+    #[test]
+    fn histogram_clear_keeps_nothing() {
+        let mut h = Histogram::default();
+        h.record(7);
+        h.record(9_000);
+        assert_eq!(h.count(), 2);
+        h.clear();
+        assert_eq!(h.summary(), None);
+        h.record(3);
+        assert_eq!(h.summary().map(|s| (s.min, s.max)), Some((3, 3)));
     }
 
     #[test]

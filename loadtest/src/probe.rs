@@ -1,0 +1,300 @@
+//! Where the harness's own figures and the server's come from: CPU time and resident
+//! memory from `/proc`, and the server's counters from its Prometheus `/metrics`.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// Largest `/metrics` response read; corelay's is a few KiB per shard.
+const MAX_METRICS_BYTES: u64 = 4 << 20;
+const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Seconds of CPU (user + system) in a `/proc/.../stat` file, e.g. `/proc/self/stat`,
+/// `/proc/thread-self/stat` or `/proc/<pid>/stat`.
+pub fn cpu_seconds(stat_path: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(stat_path).ok()?;
+    parse_cpu_ticks(&text).map(|ticks| ticks as f64 / clock_ticks_per_second())
+}
+
+/// utime + stime (fields 14 and 15) of a stat line. The command name (field 2) may
+/// contain spaces and parentheses, so fields are counted after its last `)`.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions; it only reads a constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// Time the calling thread spent running, and runnable but waiting for a CPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ThreadTimes {
+    pub running_seconds: f64,
+    pub waiting_seconds: f64,
+}
+
+/// The calling thread's [`ThreadTimes`], from `/proc/thread-self/schedstat`
+/// (nanosecond resolution, unlike `stat`'s clock ticks).
+pub fn thread_times() -> Option<ThreadTimes> {
+    parse_schedstat(&std::fs::read_to_string("/proc/thread-self/schedstat").ok()?)
+}
+
+fn parse_schedstat(text: &str) -> Option<ThreadTimes> {
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    Some(ThreadTimes {
+        running_seconds: fields.next()?? as f64 / 1e9,
+        waiting_seconds: fields.next()?? as f64 / 1e9,
+    })
+}
+
+/// Resident memory of process `pid` (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_rss(&text)
+}
+
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Raises the soft open-file limit to the hard one: each participant holds three
+/// sockets. Returns the soft limit in force afterwards.
+pub fn raise_fd_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
+/// What the server looked like at one moment. Each figure is `None` when its source
+/// is unavailable.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ServerSample {
+    pub cpu_seconds: Option<f64>,
+    pub rss_bytes: Option<u64>,
+    pub forwarded_packets: Option<f64>,
+    pub udp_tx_packets: Option<f64>,
+    pub udp_tx_dropped: Option<f64>,
+    pub participants: Option<f64>,
+    pub rooms: Option<f64>,
+}
+
+/// Reads the server's figures: CPU and memory from `/proc` for a local pid, else
+/// from the standard `process_*` metrics if the server exports them; its counters
+/// from `/metrics`, summed over shards.
+#[derive(Debug, Clone)]
+pub struct ServerProbe {
+    pid: Option<u32>,
+    /// `host:port` and path of `/metrics`.
+    metrics: Option<(String, String)>,
+}
+
+impl ServerProbe {
+    pub fn new(pid: Option<u32>, metrics: Option<(String, String)>) -> Self {
+        Self { pid, metrics }
+    }
+
+    /// Where CPU and memory figures come from.
+    pub fn cpu_source(&self) -> &'static str {
+        if self.pid.is_some() {
+            "proc"
+        } else {
+            "metrics"
+        }
+    }
+
+    pub fn sample(&self) -> ServerSample {
+        let metrics = self
+            .metrics
+            .as_ref()
+            .and_then(|(authority, path)| http_get(authority, path).ok())
+            .map(|text| parse_metrics(&text));
+        let metric = |name: &str| metrics.as_ref().and_then(|m| m.get(name).copied());
+        let (cpu_seconds, rss_bytes) = match self.pid {
+            Some(pid) => (cpu_seconds(&format!("/proc/{pid}/stat")), rss_bytes(pid)),
+            None => (
+                metric("process_cpu_seconds_total"),
+                metric("process_resident_memory_bytes").map(|b| b as u64),
+            ),
+        };
+        ServerSample {
+            cpu_seconds,
+            rss_bytes,
+            forwarded_packets: metric("rtc_forwarded_packets_total"),
+            udp_tx_packets: metric("rtc_udp_tx_packets_total"),
+            udp_tx_dropped: metric("rtc_udp_tx_dropped_total"),
+            participants: metric("rtc_active_participants"),
+            rooms: metric("rtc_active_rooms"),
+        }
+    }
+}
+
+/// Metric name to the sum of its samples over all label sets (e.g. every shard).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// Sums each metric of a Prometheus text exposition over its label sets.
+pub fn parse_metrics(text: &str) -> Metrics {
+    let mut out = Metrics::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..name_end];
+        // The value follows the labels (which may contain spaces inside quotes).
+        let after_labels = match line[name_end..].strip_prefix('{') {
+            Some(labels) => labels.rfind('}').map(|i| &labels[i + 1..]),
+            None => Some(&line[name_end..]),
+        };
+        let value = after_labels
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(value) = value
+            && !name.is_empty()
+        {
+            *out.entry(name.to_string()).or_default() += value;
+        }
+    }
+    out
+}
+
+/// GETs `path` from `authority` (`host:port`) over plain HTTP/1.1 and returns the
+/// body of a 200 response.
+pub fn http_get(authority: &str, path: &str) -> Result<String, String> {
+    let addr = authority
+        .to_socket_addrs()
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority} does not resolve"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(SCRAPE_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(SCRAPE_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    stream
+        .take(MAX_METRICS_BYTES)
+        .read_to_end(&mut response)
+        .map_err(|e| e.to_string())?;
+    parse_http_response(&response)
+}
+
+/// The body of a complete 200 response (by `Content-Length` when given, else
+/// everything after the head).
+fn parse_http_response(response: &[u8]) -> Result<String, String> {
+    let text = String::from_utf8_lossy(response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("truncated HTTP response")?;
+    let status = head.split(' ').nth(1).unwrap_or_default();
+    if status != "200" {
+        return Err(format!("HTTP status {status:?}"));
+    }
+    let length = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    match length {
+        Some(n) if n > body.len() => Err("truncated HTTP body".into()),
+        Some(n) => Ok(body[..n].to_string()),
+        None => Ok(body.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_and_status_parsing() {
+        let stat = "1234 (we ird) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 4";
+        assert_eq!(parse_cpu_ticks(stat), Some(300));
+        assert_eq!(parse_cpu_ticks("1 (x) S 1"), None);
+        assert_eq!(
+            parse_vm_rss("Name:\tx\nVmRSS:\t  2048 kB\nVmSwap:\t0 kB\n"),
+            Some(2 << 20)
+        );
+        assert_eq!(parse_vm_rss("Name: x"), None);
+        // Our own process: CPU time only grows, and we use memory.
+        let before = cpu_seconds("/proc/self/stat").unwrap();
+        let spin = (0..2_000_000u64).fold(0u64, |a, b| a.wrapping_mul(31).wrapping_add(b));
+        assert_ne!(spin, 1);
+        assert!(cpu_seconds("/proc/self/stat").unwrap() >= before);
+        assert!(thread_times().is_some_and(|t| t.running_seconds > 0.0));
+        assert_eq!(
+            parse_schedstat("1500000000 250000000 42\n"),
+            Some(ThreadTimes {
+                running_seconds: 1.5,
+                waiting_seconds: 0.25
+            })
+        );
+        assert_eq!(parse_schedstat("12"), None);
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(raise_fd_limit().unwrap() > 0);
+        // This process standing in for a local server, without metrics.
+        let probe = ServerProbe::new(Some(std::process::id()), None);
+        let sample = probe.sample();
+        assert!(sample.cpu_seconds.is_some() && sample.rss_bytes.is_some());
+        assert_eq!(sample.forwarded_packets, None);
+        assert_eq!(probe.cpu_source(), "proc");
+    }
+
+    #[test]
+    fn metrics_sum_over_shards() {
+        let text = "# HELP rtc_forwarded_packets_total x\n\
+                    # TYPE rtc_forwarded_packets_total counter\n\
+                    rtc_forwarded_packets_total{shard=\"0\"} 10\n\
+                    rtc_forwarded_packets_total{shard=\"1\"} 32\n\
+                    rtc_odd{label=\"a } b\"} 1.5 1700000000\n\
+                    rtc_signaling_connections 3\n\
+                    garbage{\n";
+        let m = parse_metrics(text);
+        assert_eq!(m["rtc_forwarded_packets_total"], 42.0);
+        assert_eq!(m["rtc_odd"], 1.5);
+        assert_eq!(m["rtc_signaling_connections"], 3.0);
+        assert_eq!(m.len(), 3);
+    }
+
+    #[test]
+    fn http_responses() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello, and more";
+        assert_eq!(parse_http_response(ok).unwrap(), "hello");
+        let no_length = b"HTTP/1.1 200 OK\r\n\r\nall of it";
+        assert_eq!(parse_http_response(no_length).unwrap(), "all of it");
+        assert!(parse_http_response(b"HTTP/1.1 404 Not Found\r\n\r\n").is_err());
+        assert!(parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab").is_err());
+        assert!(parse_http_response(b"HTTP/1.1 200").is_err());
+    }
+}

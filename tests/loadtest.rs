@@ -1,0 +1,90 @@
+//! The load harness end to end, in process, against a fresh corelay: a short run of a
+//! few rooms must join everyone, deliver media to every participant without loss on
+//! loopback, leave the server empty, and write valid JSON and HTML reports.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use corelay_loadtest::{Preset, Scenario, html, run};
+
+#[test]
+fn short_run_delivers_media_without_loss_and_writes_reports() {
+    let server = TestServer::start(&[]);
+    let scenario = Scenario {
+        url: format!("ws://{}", server.addr),
+        rooms: 3,
+        peers: 3,
+        duration: Duration::from_secs(4),
+        room_prefix: "harness".into(),
+        // One measuring participant per room; the others count packets.
+        measure_fraction: 0.3,
+        ..Scenario::preset(Preset::Meeting)
+    };
+    let mut progress = Vec::new();
+    let report = run(&scenario, |sample| progress.push(sample.clone())).expect("run starts");
+    eprint!("{}", report.table());
+
+    let peers = &report.peers;
+    assert!(peers.join_failures.is_empty(), "{:?}", peers.join_failures);
+    assert_eq!(peers.joins, 9);
+    assert_eq!(peers.measured, 3, "one measuring participant per room");
+    assert_eq!(peers.ends.get("left"), Some(&9), "{:?}", peers.ends);
+    assert_eq!(peers.without_media, 0, "everyone received media");
+    assert_eq!(peers.violations, 0, "{:?}", peers.violation_samples);
+    assert!(peers.errors.is_empty(), "{:?}", peers.errors);
+
+    // Decrypted and stamped: every measuring participant got media, none lost.
+    let measured = report.loss.measured;
+    assert!(measured.received > 0, "{measured:?}");
+    assert_eq!((measured.lost, measured.duplicates), (0, 0), "{measured:?}");
+    let latency = report.latency_ms.expect("latency measured");
+    assert!(latency.count > 0 && latency.min >= 0.0);
+    // Counted from clear RTP headers: the same holds for everyone else.
+    let counted = report.loss.counted;
+    assert!(counted.received > 0, "{counted:?}");
+    assert_eq!(counted.lost, 0, "{counted:?}");
+    assert!(report.join_ms.is_some_and(|j| j.count == 9));
+    assert!(report.first_video_ms.is_some());
+    assert!(report.rates.server_forwarded_pps.is_some_and(|p| p > 0.0));
+    assert_eq!(report.server.participants_after_leave, Some(0));
+    assert_eq!(report.series.len(), progress.len());
+
+    let dir = std::env::temp_dir().join(format!("corelay-loadtest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (json_path, html_path) = (dir.join("report.json"), dir.join("report.html"));
+    std::fs::write(&json_path, report.to_json()).expect("write JSON");
+    std::fs::write(&html_path, html::render(&report)).expect("write HTML");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("read JSON"))
+            .expect("JSON parses");
+    for key in [
+        "scenario",
+        "peers",
+        "join_ms",
+        "first_video_ms",
+        "latency_ms",
+        "loss",
+        "rates",
+        "server",
+        "harness",
+        "warnings",
+        "series",
+    ] {
+        assert!(json.get(key).is_some(), "JSON lacks {key}");
+    }
+    assert_eq!(json["scenario"]["rooms"], 3);
+    assert_eq!(json["peers"]["joins"], 9);
+    let series = json["series"].as_array().expect("series");
+    assert!(!series.is_empty());
+    assert!(series.iter().all(|s| s["rx_pps"].is_number()));
+
+    let html = std::fs::read_to_string(&html_path).expect("read HTML");
+    assert!(html.contains("<svg"), "charts are inline SVG");
+    for external in ["http://", "https://", "<script"] {
+        assert!(!html.contains(external), "HTML references {external}");
+    }
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
