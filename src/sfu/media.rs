@@ -109,7 +109,8 @@ impl Sfu {
                 codec
             }
         };
-        let keyframe = track.kind == MediaKind::Video && is_keyframe_start(codec, &packet.payload);
+        let video = track.kind == MediaKind::Video;
+        let keyframe = video && is_keyframe_start(codec, &packet.payload);
         let speaking = packet
             .header
             .ext_vals
@@ -154,7 +155,9 @@ impl Sfu {
                 )
                 .marker(packet.header.marker)
                 .ext_vals(ext_vals.clone())
-                .nackable(true),
+                // Only video is resent (browsers do not NACK Opus): audio stays out
+                // of the resend buffer.
+                .nackable(video),
             );
             self.counters.forwarded_packets += 1;
             self.counters.forwarded_bytes += packet.payload.len() as u64;
