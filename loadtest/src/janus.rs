@@ -710,6 +710,17 @@ mod tests {
         peer.handle_signal(&message.to_string(), now);
     }
 
+    /// Janus's success reply to the session `create`.
+    fn session_created(peer: &mut JanusPeer, create: &Value, now: Instant) {
+        reply(
+            peer,
+            create,
+            "success",
+            json!({"data": {"id": SESSION}}),
+            now,
+        );
+    }
+
     fn plugin(data: Value) -> Value {
         json!({"plugindata": {"plugin": api::PLUGIN, "data": data}})
     }
@@ -759,13 +770,7 @@ mod tests {
 
         let create = sent(&mut peer).remove(0);
         assert_eq!(create["janus"], "create");
-        reply(
-            &mut peer,
-            &create,
-            "success",
-            json!({"data": {"id": SESSION}}),
-            now,
-        );
+        session_created(&mut peer, &create, now);
         let attaches = sent(&mut peer);
         assert_eq!(attaches.len(), 2);
         for a in &attaches {
@@ -950,13 +955,7 @@ mod tests {
 
         let mut peer = new();
         let create = sent(&mut peer).remove(0);
-        reply(
-            &mut peer,
-            &create,
-            "success",
-            json!({"data": {"id": SESSION}}),
-            now,
-        );
+        session_created(&mut peer, &create, now);
         peer.handle_signal(r#"{"janus":"timeout","session_id":10}"#, now);
         peer.handle_signal("not json", now);
         assert!(peer.is_finished());
@@ -973,13 +972,7 @@ mod tests {
         let create = sent(&mut peer).remove(0);
         peer.leave();
         assert!(sent(&mut peer).is_empty());
-        reply(
-            &mut peer,
-            &create,
-            "success",
-            json!({"data": {"id": SESSION}}),
-            now,
-        );
+        session_created(&mut peer, &create, now);
         let destroy = sent(&mut peer).remove(0);
         assert_eq!(destroy["janus"], "destroy");
         assert_eq!(destroy["session_id"].as_u64(), Some(SESSION));
