@@ -68,14 +68,6 @@ impl<K: Copy + Eq + Hash> Router<K> {
         }
         Some(key)
     }
-
-    pub fn len(&self) -> usize {
-        self.by_ufrag.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_ufrag.is_empty()
-    }
 }
 
 #[cfg(test)]

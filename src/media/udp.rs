@@ -54,14 +54,6 @@ impl RecvBatch {
         (0..self.len).map(|i| (self.sources[i], &self.bufs[i][..self.lens[i]]))
     }
 
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Appends whatever is already queued on `fd`, without waiting.
     pub fn drain_more(&mut self, fd: RawFd) {
         let room = BATCH - self.len;
@@ -116,14 +108,6 @@ pub struct SendQueue {
 impl SendQueue {
     pub fn push(&mut self, t: Transmit) {
         self.pending.push(t);
-    }
-
-    pub fn len(&self) -> usize {
-        self.pending.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
     }
 
     /// Takes the queued datagrams without a socket: for in-memory drivers (the

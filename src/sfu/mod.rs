@@ -109,10 +109,6 @@ impl Sfu {
         })
     }
 
-    pub fn shard(&self) -> usize {
-        self.shard
-    }
-
     /// Drives every leg whose deadline has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(Reverse((at, key))) = self.timers.peek().copied() {

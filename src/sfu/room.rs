@@ -95,7 +95,6 @@ pub struct PendingOffer {
 }
 
 pub struct Participant {
-    pub conn: ConnId,
     pub peer_id: String,
     pub user_id: String,
     pub session_id: String,

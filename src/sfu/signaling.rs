@@ -139,7 +139,6 @@ impl Sfu {
         self.router
             .insert(subscriber.ufrag.clone(), (conn, Side::Subscriber));
         let participant = Participant {
-            conn,
             peer_id: peer_id.clone(),
             user_id: join.user_id.clone(),
             session_id: join.session_id.clone(),
