@@ -110,7 +110,11 @@ pub struct IceServer {
 pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
 
 /// How far back a subscriber may NACK: the resend buffer keeps this much per stream.
-pub const RESEND_WINDOW: Duration = Duration::from_millis(1000);
+/// Half a second covers NACK recovery for round trips up to about 400 ms; later
+/// resends would miss the receiver's jitter buffer anyway (Janus keeps 200 ms, or
+/// more when the round trip is longer). Each subscriber keeps its own buffer per
+/// video stream, so this sets much of a participant's memory.
+pub const RESEND_WINDOW: Duration = Duration::from_millis(500);
 
 impl Config {
     pub fn shard_count(&self) -> usize {

@@ -103,7 +103,10 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
                 return;
             }
             stream.set_read_timeout(None).ok();
+            // Signaling messages are small: start with a 4 KiB read buffer (it grows to
+            // the message size limit when needed) instead of tungstenite's 128 KiB.
             let config = WebSocketConfig::default()
+                .read_buffer_size(4096)
                 .max_message_size(Some(hub.config.max_message_size))
                 .max_frame_size(Some(hub.config.max_message_size));
             let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;

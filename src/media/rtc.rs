@@ -8,10 +8,18 @@ use std::time::Instant;
 use str0m::config::DtlsCert;
 use str0m::format::Codec;
 use str0m::media::Pt;
+use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
 
 /// H264 constrained baseline, packetization mode 1: what every browser decodes.
 const SUBSCRIBER_H264: (u8, u8, u32) = (108, 109, 0x42e01f);
+/// Header extensions on subscriber connections, with str0m's standard ids.
+const SUBSCRIBER_EXTENSIONS: [(u8, Extension); 4] = [
+    (1, Extension::AudioLevel),
+    (2, Extension::AbsoluteSendTime),
+    (4, Extension::RtpMid),
+    (13, Extension::VideoOrientation),
+];
 
 pub struct RtcFactory {
     cert: DtlsCert,
@@ -60,6 +68,15 @@ impl RtcFactory {
                 config
                     .codec_config()
                     .add_h264(pt.into(), Some(rtx.into()), true, profile);
+                // No transport-wide sequence numbers downstream: nothing here consumes
+                // the browsers' TWCC feedback yet, and str0m keeps a 1000-entry send
+                // record per connection for it (about 90 KB) and parses every report.
+                // Bandwidth estimation for subscribers brings it back.
+                let exts = config.extension_map();
+                *exts = ExtensionMap::empty();
+                for (id, ext) in SUBSCRIBER_EXTENSIONS {
+                    exts.set(id, ext);
+                }
                 config
             }
         };

@@ -6,8 +6,9 @@
 //! 2. `forward_all`: each queued packet fans out to the track's subscribers. Per
 //!    subscriber, `media::forward::Rewriter` maps the payload type and rebases the
 //!    sequence number, and the payload (an `Arc<[u8]>`) is shared, not copied.
-//! 3. `Sfu::finish_round` ticks and drains every touched `Rtc` once per batch; str0m
-//!    encrypts, and the runtime sends `transmits` with one `sendmmsg`.
+//! 3. `Sfu::finish_round` ticks (unless a datagram already did) and drains every
+//!    touched `Rtc` once per batch; str0m encrypts, and the runtime sends
+//!    `transmits` with one `sendmmsg`.
 //!
 //! Keyframe requests (PLI) travel the other way, throttled per published track.
 //! Audio levels feed voice activity detection on the way through.
@@ -51,11 +52,10 @@ impl Sfu {
             let Some(p) = self.peers.get_mut(&key.0) else {
                 continue;
             };
-            if let Err(e) = p
-                .leg_mut(key.1)
-                .rtc
-                .handle_input(Input::Receive(now, receive))
-            {
+            let leg = p.leg_mut(key.1);
+            // str0m ticks to `now` on every datagram; `finish_round` need not again.
+            leg.clock = Some(now);
+            if let Err(e) = leg.rtc.handle_input(Input::Receive(now, receive)) {
                 debug!(conn = key.0, error = %e, "rtc refused a datagram");
                 continue;
             }

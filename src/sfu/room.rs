@@ -33,6 +33,9 @@ pub struct Leg {
     pub connected: bool,
     /// Already queued for this round's tick (see `Sfu::touch`).
     pub touched: bool,
+    /// The last instant this `Rtc` was driven to. A datagram input ticks str0m
+    /// itself, so a leg that received in this round needs no second tick.
+    pub clock: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -41,7 +41,7 @@ impl Sfu {
                 request_id,
                 join,
             } => {
-                if let Err(refusal) = self.join(now, conn, request_id.as_deref(), join) {
+                if let Err(refusal) = self.join(now, conn, request_id.as_deref(), *join) {
                     self.counters.join_fail += 1;
                     self.to_accept.push(ToAccept::JoinRefused {
                         conn,
@@ -54,7 +54,7 @@ impl Sfu {
                 request_id,
                 signal,
             } => {
-                if let Err(refusal) = self.signal(now, conn, request_id.as_deref(), signal) {
+                if let Err(refusal) = self.signal(now, conn, request_id.as_deref(), *signal) {
                     if refusal.code == ErrorCode::NegotiationFailed {
                         self.counters.negotiation_error += 1;
                     }
@@ -130,6 +130,7 @@ impl Sfu {
                 scheduled: None,
                 connected: false,
                 touched: false,
+                clock: None,
             }
         };
         let publisher = leg(Role::Publisher);

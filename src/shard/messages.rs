@@ -12,15 +12,17 @@ pub type ConnId = u64;
 /// Accept shard → room shard.
 #[derive(Debug)]
 pub enum ToShard {
+    // Boxed: a bounded channel reserves a slot of the largest variant for each of its
+    // `MAILBOX_CAPACITY` messages, so slots stay a few words each.
     Join {
         conn: ConnId,
         request_id: Option<String>,
-        join: Join,
+        join: Box<Join>,
     },
     Signal {
         conn: ConnId,
         request_id: Option<String>,
-        signal: Signal,
+        signal: Box<Signal>,
     },
     /// The socket closed without `leave`.
     Disconnect { conn: ConnId },

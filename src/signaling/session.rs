@@ -225,7 +225,7 @@ impl Session {
                 let msg = ToShard::Join {
                     conn: self.conn,
                     request_id: request_id.clone(),
-                    join,
+                    join: Box::new(join),
                 };
                 (shard, msg)
             }
@@ -239,7 +239,7 @@ impl Session {
                 let msg = ToShard::Signal {
                     conn: self.conn,
                     request_id: request_id.clone(),
-                    signal,
+                    signal: Box::new(signal),
                 };
                 (shard, msg)
             }

@@ -187,12 +187,12 @@ impl Network {
             ClientMsg::Join(join) => ToShard::Join {
                 conn,
                 request_id,
-                join,
+                join: Box::new(join),
             },
             ClientMsg::Signal(signal) => ToShard::Signal {
                 conn,
                 request_id,
-                signal,
+                signal: Box::new(signal),
             },
             ClientMsg::Ping => return,
         };
