@@ -13,7 +13,8 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use futures::task::AtomicWaker;
 
 pub struct MailboxSender<T> {
-    tx: Sender<T>,
+    /// `None` only while dropping: the channel must close before the bell rings.
+    tx: Option<Sender<T>>,
     bell: Arc<AtomicWaker>,
 }
 
@@ -23,6 +24,15 @@ impl<T> Clone for MailboxSender<T> {
             tx: self.tx.clone(),
             bell: self.bell.clone(),
         }
+    }
+}
+
+impl<T> Drop for MailboxSender<T> {
+    /// A parked receiver must learn that the last sender is gone: close our end
+    /// first, then ring, or it could look, find the channel still open, and sleep on.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        self.bell.wake();
     }
 }
 
@@ -36,7 +46,7 @@ pub fn mailbox<T>(capacity: usize) -> (MailboxSender<T>, Mailbox<T>) {
     let bell = Arc::new(AtomicWaker::new());
     (
         MailboxSender {
-            tx,
+            tx: Some(tx),
             bell: bell.clone(),
         },
         Mailbox { rx, bell },
@@ -46,7 +56,10 @@ pub fn mailbox<T>(capacity: usize) -> (MailboxSender<T>, Mailbox<T>) {
 impl<T> MailboxSender<T> {
     /// Never blocks. `Err` gives the message back when the mailbox is full or gone.
     pub fn try_send(&self, msg: T) -> Result<(), T> {
-        match self.tx.try_send(msg) {
+        let Some(tx) = &self.tx else {
+            return Err(msg);
+        };
+        match tx.try_send(msg) {
             Ok(()) => {
                 self.bell.wake();
                 Ok(())
@@ -62,6 +75,7 @@ impl<T> Mailbox<T> {
     /// is gone.
     pub async fn recv_batch(&self, batch: &mut Vec<T>, max: usize) -> bool {
         poll_fn(|cx| {
+            let mut registered = false;
             loop {
                 match self.rx.try_recv() {
                     Ok(msg) => {
@@ -72,12 +86,12 @@ impl<T> Mailbox<T> {
                     }
                     Err(TryRecvError::Disconnected) => return Poll::Ready(!batch.is_empty()),
                     Err(TryRecvError::Empty) if !batch.is_empty() => return Poll::Ready(true),
+                    Err(TryRecvError::Empty) if registered => return Poll::Pending,
                     Err(TryRecvError::Empty) => {
+                        // Look once more after registering: a message (or the last
+                        // sender's goodbye) may have landed in between.
                         self.bell.register(cx.waker());
-                        // A message may have landed between the check and the register.
-                        if self.rx.is_empty() {
-                            return Poll::Pending;
-                        }
+                        registered = true;
                     }
                 }
             }
