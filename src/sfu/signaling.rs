@@ -4,7 +4,7 @@
 //! Every refusal is one `error` to the sender with a PROTOCOL.md code; nothing here
 //! affects other participants except through the room's normal messages.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 use str0m::Candidate;
@@ -536,7 +536,12 @@ impl Sfu {
             .collect();
         let video = track.kind == MediaKind::Video;
         if let Some(tx) = s.subscriber.rtc.direct_api().stream_tx_by_mid(mid, None) {
-            tx.set_rtx_cache(RESEND_PACKETS, RESEND_WINDOW, Some(RESEND_SHARE_CAP));
+            if video {
+                tx.set_rtx_cache(RESEND_PACKETS, RESEND_WINDOW, Some(RESEND_SHARE_CAP));
+            } else {
+                // Audio is never resent: no buffer, and no byte history for the cap.
+                tx.set_rtx_cache(0, Duration::ZERO, None);
+            }
         }
         s.subscriptions.insert(
             track_key,
