@@ -1,6 +1,5 @@
-//! All socket tricks in one place: batched receive (`recvmmsg`), batched send
-//! (`sendmmsg`, with GSO for runs to one destination) on a shard's UDP socket, socket
-//! buffer sizes, and interface discovery.
+//! All socket tricks in one place: batched receive (`recvmmsg`) and batched send
+//! (`sendmmsg`) on a shard's UDP socket, socket buffer sizes, and interface discovery.
 //!
 //! The shard awaits the first datagram of a batch through glommio (so an idle shard
 //! sleeps in io_uring), then drains whatever else is queued without blocking. Sends
@@ -97,42 +96,14 @@ impl RecvBatch {
     }
 }
 
-/// Most segments in one GSO send (the kernel's `UDP_MAX_SEGMENTS` is 64 before 6.x).
-const GSO_MAX_SEGMENTS: usize = 64;
-/// Most payload bytes in one GSO send (a UDP datagram's limit, with headroom).
-const GSO_MAX_BYTES: usize = 60_000;
-/// iovecs per `sendmmsg`: room for every message of a batch to carry a few segments.
-const IOV_CAP: usize = 4 * BATCH;
-
-/// Outgoing datagrams collected while handling a batch, sent with one `sendmmsg` per
-/// `BATCH` messages.
-///
-/// A run of datagrams to one destination where all but the last have the same size
-/// (a subscriber's share of a round: a video frame's packets, or audio from several
-/// publishers) becomes one message with `UDP_SEGMENT` (GSO): the kernel walks its
-/// stack once for the run and cuts it into datagrams at the end. quinn-udp does GSO
-/// well but sends one destination per syscall; an SFU fans out to many destinations,
-/// so both are combined here.
+/// Outgoing datagrams collected while handling a batch, sent with one `sendmmsg`
+/// per `BATCH`.
+#[derive(Default)]
 pub struct SendQueue {
     pending: Vec<Transmit>,
     /// Datagrams the kernel refused (socket buffer full); they are dropped.
     pub dropped: u64,
-    /// Coalesce runs with GSO; turned off for good the first time the kernel refuses.
-    gso: bool,
 }
-
-impl Default for SendQueue {
-    fn default() -> Self {
-        Self {
-            pending: Vec::new(),
-            dropped: 0,
-            gso: true,
-        }
-    }
-}
-
-/// Control-message space for one `UDP_SEGMENT` value, aligned for `cmsghdr`.
-type GsoControl = [u64; 4];
 
 impl SendQueue {
     pub fn push(&mut self, t: Transmit) {
@@ -148,132 +119,57 @@ impl SendQueue {
     /// Sends everything queued; returns (datagrams, bytes) handed to the kernel.
     pub fn flush(&mut self, fd: RawFd) -> (u64, u64) {
         let (mut sent, mut bytes) = (0_u64, 0_u64);
-        let mut next = 0;
-        while next < self.pending.len() {
+        for chunk in self.pending.chunks(BATCH) {
             // SAFETY: all-zero is a valid value for these plain C structs.
             let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
-            let mut iovs: [libc::iovec; IOV_CAP] = unsafe { zeroed() };
+            let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
             let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-            let mut controls: [GsoControl; BATCH] = [[0; 4]; BATCH];
-            // Each message's first datagram and datagram count.
-            let mut runs = [(0_usize, 0_usize); BATCH];
-            let (mut count, mut iov_used) = (0, 0);
-            while next < self.pending.len() && count < BATCH && iov_used < IOV_CAP {
-                let rest = &self.pending[next..];
-                let run = if self.gso {
-                    gso_run(rest, IOV_CAP - iov_used)
-                } else {
-                    1
+            for (i, t) in chunk.iter().enumerate() {
+                let name_len = to_sockaddr(t.destination, &mut names[i]);
+                iovs[i] = libc::iovec {
+                    iov_base: t.contents.as_ptr().cast_mut().cast(),
+                    iov_len: t.contents.len(),
                 };
-                for (k, t) in rest[..run].iter().enumerate() {
-                    iovs[iov_used + k] = libc::iovec {
-                        iov_base: t.contents.as_ptr().cast_mut().cast(),
-                        iov_len: t.contents.len(),
-                    };
-                }
-                let hdr = &mut msgs[count].msg_hdr;
-                hdr.msg_namelen = to_sockaddr(rest[0].destination, &mut names[count]);
-                hdr.msg_name = (&raw mut names[count]).cast();
-                hdr.msg_iov = &raw mut iovs[iov_used];
-                hdr.msg_iovlen = run;
-                if run > 1 {
-                    set_segment_size(hdr, &mut controls[count], rest[0].contents.len());
-                }
-                runs[count] = (next, run);
-                count += 1;
-                iov_used += run;
-                next += run;
+                msgs[i].msg_hdr.msg_name = (&raw mut names[i]).cast();
+                msgs[i].msg_hdr.msg_namelen = name_len;
+                msgs[i].msg_hdr.msg_iov = &raw mut iovs[i];
+                msgs[i].msg_hdr.msg_iovlen = 1;
             }
             let mut done = 0;
-            while done < count {
-                // SAFETY: the arrays outlive the call; iovecs point into `pending`,
-                // which the kernel only reads.
+            while done < chunk.len() {
+                // SAFETY: the arrays outlive the call; iovecs point into `chunk`, which
+                // the kernel only reads.
                 let n = unsafe {
                     libc::sendmmsg(
                         fd,
                         msgs.as_mut_ptr().add(done),
-                        (count - done) as u32,
+                        (chunk.len() - done) as u32,
                         libc::MSG_DONTWAIT,
                     )
                 };
-                if let Ok(n @ 1..) = usize::try_from(n) {
-                    for &(first, run) in &runs[done..done + n] {
-                        for t in &self.pending[first..first + run] {
+                match usize::try_from(n) {
+                    Ok(n) if n > 0 => {
+                        for t in &chunk[done..done + n] {
                             bytes += t.contents.len() as u64;
                         }
-                        sent += run as u64;
+                        sent += n as u64;
+                        done += n;
                     }
-                    done += n;
-                    continue;
+                    _ => {
+                        let err = io::Error::last_os_error();
+                        if err.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        // Full buffer or an unreachable destination: skip this datagram.
+                        self.dropped += 1;
+                        done += 1;
+                    }
                 }
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                let (first, run) = runs[done];
-                if run > 1 && gso_unsupported(&err) {
-                    // No GSO on this path: resend from this run on, one by one.
-                    self.gso = false;
-                    next = first;
-                    break;
-                }
-                // Full buffer or an unreachable destination: drop this message.
-                self.dropped += run as u64;
-                done += 1;
             }
         }
         self.pending.clear();
         (sent, bytes)
     }
-}
-
-/// How many datagrams from the start of `rest` one GSO message can carry: same
-/// destination, the same size except a shorter last one, within the kernel's limits.
-fn gso_run(rest: &[Transmit], iov_room: usize) -> usize {
-    let first = &rest[0];
-    let size = first.contents.len();
-    let limit = GSO_MAX_SEGMENTS.min(iov_room);
-    let (mut run, mut total) = (1, size);
-    for t in &rest[1..] {
-        let len = t.contents.len();
-        if run == limit || t.destination != first.destination || len > size {
-            break;
-        }
-        if total + len > GSO_MAX_BYTES {
-            break;
-        }
-        run += 1;
-        total += len;
-        if len < size {
-            break; // a shorter datagram can only be the last segment
-        }
-    }
-    run
-}
-
-/// Attaches `UDP_SEGMENT = size` to a message.
-fn set_segment_size(hdr: &mut libc::msghdr, control: &mut GsoControl, size: usize) {
-    let value = size as u16;
-    hdr.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    hdr.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
-    // SAFETY: `control` is aligned for cmsghdr and larger than CMSG_SPACE(2), so the
-    // first header and its data lie inside it.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(hdr);
-        (*cmsg).cmsg_level = libc::SOL_UDP;
-        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), value);
-    }
-}
-
-/// The errors a kernel or device without UDP GSO gives for a segmented send.
-fn gso_unsupported(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
-    )
 }
 
 /// Larger kernel buffers absorb bursts (a keyframe fanned out to a room).
@@ -392,69 +288,6 @@ mod tests {
             let mut storage = unsafe { zeroed() };
             to_sockaddr(addr, &mut storage);
             assert_eq!(from_sockaddr(&storage), Some(addr));
-        }
-    }
-
-    fn transmit(to: SocketAddr, fill: u8, len: usize) -> Transmit {
-        Transmit {
-            proto: str0m::net::Protocol::Udp,
-            source: "127.0.0.1:1".parse().unwrap(),
-            destination: to,
-            contents: vec![fill; len].into(),
-        }
-    }
-
-    #[test]
-    fn gso_runs_arrive_as_separate_datagrams_in_order() {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
-        // To a: a run of three full segments and a short tail, then one after b's.
-        let plan = [
-            (to_a, 1, 1200),
-            (to_a, 2, 1200),
-            (to_a, 3, 1200),
-            (to_a, 4, 700),
-            (to_b, 5, 90),
-            (to_b, 6, 90),
-            (to_a, 7, 1200),
-        ];
-        assert_eq!(gso_run(&[transmit(to_a, 0, 10)], 1), 1);
-        let mut queue = SendQueue::default();
-        for &(to, fill, len) in &plan {
-            queue.push(transmit(to, fill, len));
-        }
-        let runs: Vec<usize> = {
-            let mut at = 0;
-            std::iter::from_fn(|| {
-                (at < queue.pending.len()).then(|| {
-                    let run = gso_run(&queue.pending[at..], IOV_CAP);
-                    at += run;
-                    run
-                })
-            })
-            .collect()
-        };
-        assert_eq!(runs, [4, 2, 1]);
-        let total: usize = plan.iter().map(|p| p.2).sum();
-        assert_eq!(queue.flush(tx.as_raw_fd()), (7, total as u64));
-        assert!(queue.gso, "loopback takes GSO sends");
-        // The same again without GSO, as on a path whose kernel refused it.
-        queue.gso = false;
-        for &(to, fill, len) in &plan {
-            queue.push(transmit(to, fill, len));
-        }
-        assert_eq!(queue.flush(tx.as_raw_fd()), (7, total as u64));
-        let mut buf = [0_u8; 2048];
-        for rx in [&a, &b] {
-            rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-                .unwrap();
-        }
-        for &(to, fill, len) in plan.iter().chain(&plan) {
-            let rx = if to == to_a { &a } else { &b };
-            let n = rx.recv(&mut buf).unwrap();
-            assert_eq!((n, buf[0], buf[n - 1]), (len, fill, fill));
         }
     }
 
