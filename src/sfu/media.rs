@@ -16,7 +16,6 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use str0m::Input;
 use str0m::media::{KeyframeRequestKind, MediaKind};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite};
@@ -52,10 +51,7 @@ impl Sfu {
             let Some(p) = self.peers.get_mut(&key.0) else {
                 continue;
             };
-            let leg = p.leg_mut(key.1);
-            // str0m ticks to `now` on every datagram; `finish_round` need not again.
-            leg.clock = Some(now);
-            if let Err(e) = leg.rtc.handle_input(Input::Receive(now, receive)) {
+            if let Err(e) = p.leg_mut(key.1).receive(now, receive) {
                 debug!(conn = key.0, error = %e, "rtc refused a datagram");
                 continue;
             }

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use hashbrown::HashMap;
 use str0m::rtp::RtpPacket;
-use str0m::{Event, Input, Output};
+use str0m::{Event, Output};
 use tracing::debug;
 
 use crate::config::{Config, IceServer};
@@ -124,8 +124,7 @@ impl Sfu {
                 continue; // superseded by an earlier deadline
             }
             leg.scheduled = None;
-            leg.clock = Some(now);
-            if let Err(e) = leg.rtc.handle_input(Input::Timeout(now)) {
+            if let Err(e) = leg.tick(now) {
                 debug!(conn = key.0, error = %e, "rtc failed on timeout");
                 self.doomed.push((key.0, "rtc error"));
                 continue;
@@ -183,8 +182,9 @@ impl Sfu {
         }
     }
 
-    /// Completes a round of input: fans out queued media, ticks every touched leg
-    /// not already driven to `now` and drains it, handles the remaining events, and removes failed participants.
+    /// Completes a round of input: fans out queued media, ticks (see `Leg::catch_up`) and
+    /// drains every touched leg once, handles the remaining events, and removes failed
+    /// participants.
     fn finish_round(&mut self, now: Instant) {
         loop {
             self.forward_all(now);
@@ -193,12 +193,9 @@ impl Sfu {
                 if let Some(p) = self.peers.get_mut(&key.0) {
                     let leg = p.leg_mut(key.1);
                     leg.touched = false;
-                    if leg.clock != Some(now) {
-                        leg.clock = Some(now);
-                        if leg.rtc.handle_input(Input::Timeout(now)).is_err() {
-                            self.doomed.push((key.0, "rtc error"));
-                            continue;
-                        }
+                    if leg.catch_up(now).is_err() {
+                        self.doomed.push((key.0, "rtc error"));
+                        continue;
                     }
                 }
                 self.drain(key);

@@ -1,13 +1,15 @@
 //! Room state: who is in a room, what each participant publishes, and what each one
-//! receives. Plain data; the behaviour lives in `signaling.rs` and `media.rs`.
+//! receives. Plain data (and how a leg's `Rtc` is driven); the behaviour lives in
+//! `signaling.rs` and `media.rs`.
 
 use std::time::Instant;
 
 use hashbrown::HashMap;
-use str0m::Rtc;
 use str0m::change::SdpPendingOffer;
 use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid};
+use str0m::net::Receive;
+use str0m::{Input, Rtc, RtcError};
 
 use crate::media::forward::Rewriter;
 use crate::media::speaking::SpeakingDetector;
@@ -33,9 +35,32 @@ pub struct Leg {
     pub connected: bool,
     /// Already queued for this round's tick (see `Sfu::touch`).
     pub touched: bool,
-    /// The last instant this `Rtc` was driven to. A datagram input ticks str0m
-    /// itself, so a leg that received in this round needs no second tick.
+    /// The last instant this `Rtc` was driven to (see `Leg::catch_up`).
     pub clock: Option<Instant>,
+}
+
+impl Leg {
+    /// Feeds a datagram. str0m ticks to `now` on every datagram, so this counts as
+    /// the leg's tick for the round.
+    pub fn receive(&mut self, now: Instant, datagram: Receive) -> Result<(), RtcError> {
+        self.clock = Some(now);
+        self.rtc.handle_input(Input::Receive(now, datagram))
+    }
+
+    /// Ticks the `Rtc`: for a deadline that came due, which str0m may have set at
+    /// the very instant it last ran, so this always ticks.
+    pub fn tick(&mut self, now: Instant) -> Result<(), RtcError> {
+        self.clock = Some(now);
+        self.rtc.handle_input(Input::Timeout(now))
+    }
+
+    /// Ticks the `Rtc` to `now` after writes, unless it is there already.
+    pub fn catch_up(&mut self, now: Instant) -> Result<(), RtcError> {
+        if self.clock == Some(now) {
+            return Ok(());
+        }
+        self.tick(now)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
