@@ -8,7 +8,7 @@ use std::time::Instant;
 use str0m::config::DtlsCert;
 use str0m::format::Codec;
 use str0m::media::Pt;
-use str0m::rtp::{Extension, ExtensionMap};
+use str0m::rtp::Extension;
 use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
 
 /// H264 constrained baseline, packetization mode 1: what every browser decodes.
@@ -72,12 +72,11 @@ impl RtcFactory {
                 // the browsers' TWCC feedback yet, and str0m keeps a 1000-entry send
                 // record per connection for it (about 90 KB) and parses every report.
                 // Bandwidth estimation for subscribers brings it back.
-                let exts = config.extension_map();
-                *exts = ExtensionMap::empty();
-                for (id, ext) in SUBSCRIBER_EXTENSIONS {
-                    exts.set(id, ext);
-                }
-                config
+                SUBSCRIBER_EXTENSIONS
+                    .into_iter()
+                    .fold(config.clear_extension_map(), |c, (id, ext)| {
+                        c.set_extension(id, ext)
+                    })
             }
         };
         let mut rtc = config.build(now);
