@@ -1,13 +1,14 @@
 //! Deterministic runs of one shard's SFU over the in-memory network (`sim`), for what
 //! needs time to pass or packets to vanish: ICE consent expiry removes a participant
 //! that went silent, NACKs recover lost packets from the resend buffer, and voice
-//! activity follows the audio level.
+//! activity follows the audio level, and a forwarded packet leaves in the batch
+//! that brought it.
 
 #[path = "sim/mod.rs"]
 mod sim;
 
-use corelay_loadtest::{MediaKind, PeerConfig};
-use sim::Network;
+use corelay_loadtest::{Leg, MediaKind, PeerConfig};
+use sim::{Network, is_rtp, leg_addr};
 
 fn peer(user: &str, publish: bool) -> PeerConfig {
     PeerConfig {
@@ -77,7 +78,8 @@ fn nacks_recover_lost_video_from_the_resend_buffer() {
     // Lose every 7th RTP datagram on the way to the subscriber from now on.
     net.lose_rtp_to = Some((1, 7));
     net.run_until("300 more video packets", |net| net.receives_video(1, 310));
-    // Give the last resends time to land, then nothing may be missing.
+    // Stop losing, give the last resends time to land, then nothing may be missing.
+    net.lose_rtp_to = None;
     let end = net.now + std::time::Duration::from_millis(500);
     net.run_until("half a second more", |net| net.now >= end);
     let stats = net.peers[1].stats();
@@ -126,5 +128,42 @@ fn voice_activity_follows_the_audio_level() {
     assert!(
         net.peers[0].stats().violations.is_empty(),
         "the talker is not told about itself"
+    );
+}
+
+/// str0m sends what was written to a connection only after a tick, and a datagram
+/// from that connection earlier in the same batch ticks it *before* the write. The
+/// write must still be ticked out in this batch: left to the connection's timer, it
+/// waited, and on a saturated shard (timers starved) send queues grew without bound.
+#[test]
+fn a_packet_leaves_in_the_batch_that_brought_it() {
+    let mut net = Network::new(vec![peer("pub", true), peer("sub", false)]);
+    net.run_until("the subscriber receives video", |net| {
+        net.receives_video(1, 10)
+    });
+    let subscriber = leg_addr(1, Leg::Subscriber);
+    net.hold_rtp_of = Some(0);
+    net.hold_all_from = Some(subscriber);
+    let held_from = |net: &Network, from_subscriber: bool| {
+        net.held
+            .iter()
+            .rev()
+            .find(|(source, _)| (*source == subscriber) == from_subscriber)
+            .cloned()
+    };
+    net.run_until("the subscriber connection sends something", |net| {
+        held_from(net, true).is_some() && held_from(net, false).is_some()
+    });
+    let batch = [held_from(&net, true), held_from(&net, false)].map(Option::unwrap);
+    let forwarded = net.sfu.counters.forwarded_packets;
+
+    net.sfu
+        .handle_datagrams(net.now, batch.iter().map(|(s, d)| (*s, d.as_slice())));
+    assert_eq!(net.sfu.counters.forwarded_packets, forwarded + 1);
+    let sent: Vec<_> = net.sfu.transmits.drain().collect();
+    assert!(
+        sent.iter()
+            .any(|t| t.destination == subscriber && is_rtp(&t.contents)),
+        "the forwarded packet waits for a timer instead of leaving now"
     );
 }

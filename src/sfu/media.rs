@@ -6,9 +6,8 @@
 //! 2. `forward_all`: each queued packet fans out to the track's subscribers. Per
 //!    subscriber, `media::forward::Rewriter` maps the payload type and rebases the
 //!    sequence number, and the payload (an `Arc<[u8]>`) is shared, not copied.
-//! 3. `Sfu::finish_round` ticks (unless a datagram already did) and drains every
-//!    touched `Rtc` once per batch; str0m encrypts, and the runtime sends
-//!    `transmits` with one `sendmmsg`.
+//! 3. `Sfu::finish_round` ticks and drains every `Rtc` written to, once per batch;
+//!    str0m encrypts, and the runtime sends `transmits` with one `sendmmsg`.
 //!
 //! Keyframe requests (PLI) travel the other way, throttled per published track.
 //! Audio levels feed voice activity detection on the way through.
@@ -56,7 +55,6 @@ impl Sfu {
                 continue;
             }
             self.drain(key);
-            self.touch(key);
         }
         self.finish_round(now);
     }

@@ -68,7 +68,7 @@ pub struct Sfu {
     forward_queue: Vec<(ConnId, RtpPacket)>,
     /// Non-media events, handled after the packet path.
     events: Vec<(LegKey, Event)>,
-    /// Legs written to in this round; each is ticked and drained once.
+    /// Legs written to in this round; each is ticked and drained once at its end.
     touched: Vec<LegKey>,
     /// Participants whose `Rtc` failed; removed at the end of the round.
     doomed: Vec<(ConnId, &'static str)>,
@@ -182,9 +182,8 @@ impl Sfu {
         }
     }
 
-    /// Completes a round of input: fans out queued media, ticks (see `Leg::catch_up`) and
-    /// drains every touched leg once, handles the remaining events, and removes failed
-    /// participants.
+    /// Completes a round of input: fans out queued media, ticks and drains every leg
+    /// written to, handles the remaining events, and removes failed participants.
     fn finish_round(&mut self, now: Instant) {
         loop {
             self.forward_all(now);
@@ -193,7 +192,7 @@ impl Sfu {
                 if let Some(p) = self.peers.get_mut(&key.0) {
                     let leg = p.leg_mut(key.1);
                     leg.touched = false;
-                    if leg.catch_up(now).is_err() {
+                    if leg.tick(now).is_err() {
                         self.doomed.push((key.0, "rtc error"));
                         continue;
                     }

@@ -33,33 +33,21 @@ pub struct Leg {
     /// the last one fired).
     pub scheduled: Option<Instant>,
     pub connected: bool,
-    /// Already queued for this round's tick (see `Sfu::touch`).
+    /// Written to in this round, so queued for its end-of-round tick (see `Sfu::touch`).
     pub touched: bool,
-    /// The last instant this `Rtc` was driven to (see `Leg::catch_up`).
-    pub clock: Option<Instant>,
 }
 
 impl Leg {
-    /// Feeds a datagram. str0m ticks to `now` on every datagram, so this counts as
-    /// the leg's tick for the round.
+    /// Feeds a datagram (str0m ticks to `now` on every datagram, before anything
+    /// this round writes).
     pub fn receive(&mut self, now: Instant, datagram: Receive) -> Result<(), RtcError> {
-        self.clock = Some(now);
         self.rtc.handle_input(Input::Receive(now, datagram))
     }
 
-    /// Ticks the `Rtc`: for a deadline that came due, which str0m may have set at
-    /// the very instant it last ran, so this always ticks.
+    /// Ticks the `Rtc`: for a deadline that came due, and after writes, which str0m
+    /// sends only from a tick.
     pub fn tick(&mut self, now: Instant) -> Result<(), RtcError> {
-        self.clock = Some(now);
         self.rtc.handle_input(Input::Timeout(now))
-    }
-
-    /// Ticks the `Rtc` to `now` after writes, unless it is there already.
-    pub fn catch_up(&mut self, now: Instant) -> Result<(), RtcError> {
-        if self.clock == Some(now) {
-            return Ok(());
-        }
-        self.tick(now)
     }
 }
 

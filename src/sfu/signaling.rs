@@ -130,7 +130,6 @@ impl Sfu {
                 scheduled: None,
                 connected: false,
                 touched: false,
-                clock: None,
             }
         };
         let publisher = leg(Role::Publisher);

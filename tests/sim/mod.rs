@@ -63,6 +63,8 @@ pub struct Network {
     /// The peer whose RTP datagrams wait in `held` instead of reaching the SFU.
     pub hold_rtp_of: Option<usize>,
     pub held: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Every datagram from this client address waits in `held` too.
+    pub hold_all_from: Option<SocketAddr>,
     /// Peers cut off from the network: their datagrams are lost both ways.
     pub cut: Vec<bool>,
     /// Every n-th RTP datagram to this peer's subscriber leg is lost.
@@ -99,6 +101,7 @@ impl Network {
             peers,
             hold_rtp_of: None,
             held: VecDeque::new(),
+            hold_all_from: None,
             lose_rtp_to: None,
             rtp_to_lossy: 0,
             closed: Vec::new(),
@@ -203,7 +206,9 @@ impl Network {
         if self.cut[peer] {
             return;
         }
-        if self.hold_rtp_of == Some(peer) && is_rtp(&contents) {
+        if (self.hold_rtp_of == Some(peer) && is_rtp(&contents))
+            || self.hold_all_from == Some(source)
+        {
             self.held.push_back((source, contents));
         } else {
             self.sfu
