@@ -1,8 +1,8 @@
 //! Deterministic runs of one shard's SFU over the in-memory network (`sim`), for what
 //! needs time to pass or packets to vanish: ICE consent expiry removes a participant
 //! that went silent, NACKs recover lost packets from the resend buffer, and voice
-//! activity follows the audio level, and a forwarded packet leaves in the batch
-//! that brought it.
+//! activity follows the audio level, a forwarded packet leaves in the batch that
+//! brought it, and a late connection starts with live media.
 
 #[path = "sim/mod.rs"]
 mod sim;
@@ -165,5 +165,42 @@ fn a_packet_leaves_in_the_batch_that_brought_it() {
         sent.iter()
             .any(|t| t.destination == subscriber && is_rtp(&t.contents)),
         "the forwarded packet waits for a timer instead of leaving now"
+    );
+}
+
+/// str0m queues media written to a connection whose DTLS is not up yet and sends it
+/// all once it is: a subscriber that connected late got a burst of stale media, and
+/// one that never connected held a growing queue until it was removed.
+#[test]
+fn a_late_connection_starts_with_live_media() {
+    let mut net = Network::new(vec![peer("pub", true), peer("sub", false)]);
+    // The subscriber connection's ICE and DTLS are held up for two seconds, while its
+    // signaling (and so its subscriptions) goes through.
+    net.hold_all_from = Some(leg_addr(1, Leg::Subscriber));
+    let late = net.now + std::time::Duration::from_secs(2);
+    net.run_until("two seconds of publishing", |net| net.now >= late);
+    assert!(!net.peers[1].stats().subscriber_connected);
+    assert!(
+        !offered_publishers(&net, 1).is_empty(),
+        "the subscriber has its offer"
+    );
+    net.hold_all_from = None;
+    net.held.clear();
+
+    let audio = |net: &Network| {
+        let stats = net.peers[1].stats();
+        stats
+            .tracks
+            .iter()
+            .find(|t| t.kind == MediaKind::Audio)
+            .and_then(|t| t.latency_us)
+    };
+    net.run_until("the subscriber receives audio", |net| {
+        audio(net).is_some_and(|l| l.count >= 20)
+    });
+    let latency = audio(&net).expect("audio latency");
+    assert!(
+        latency.max < 200_000,
+        "the first audio was stale: {latency:?}"
     );
 }

@@ -125,6 +125,11 @@ impl Sfu {
             let Some(s) = self.peers.get_mut(&conn) else {
                 continue;
             };
+            // Until DTLS is up str0m would queue what is written, unsent: a late
+            // connection would start with a stale burst, a dead one hold it forever.
+            if !s.subscriber.connected {
+                continue;
+            }
             let Some(sub) = s.subscriptions.get_mut(&track_key) else {
                 continue;
             };

@@ -75,7 +75,8 @@ pub struct Network {
 }
 
 impl Network {
-    /// Joins one peer per config to the SFU and exchanges whatever they start with.
+    /// One peer per config, about to join: the first `pump` (every `run_until` starts
+    /// with one) delivers their joins, so a test can set up the network before.
     pub fn new(configs: Vec<PeerConfig>) -> Self {
         let now = Instant::now();
         let limits = Limits {
@@ -94,7 +95,7 @@ impl Network {
                 Peer::new(config, time_base, publisher, subscriber, now)
             })
             .collect();
-        let mut net = Self {
+        Self {
             now,
             sfu,
             cut: vec![false; peers.len()],
@@ -105,9 +106,7 @@ impl Network {
             lose_rtp_to: None,
             rtp_to_lossy: 0,
             closed: Vec::new(),
-        };
-        net.pump();
-        net
+        }
     }
 
     /// True when `peer`'s subscriber leg is connected and has received at least
