@@ -24,6 +24,8 @@ pub struct Counters {
     pub udp_tx_dropped: u64,
     pub unrouted_packets: u64,
     pub keyframe_requests: u64,
+    pub overloaded: u64,
+    pub overloads: u64,
 }
 
 struct Metric {
@@ -117,6 +119,18 @@ const METRICS: &[Metric] = &[
         kind: "counter",
         help: "Keyframe requests sent to publishers.",
         get: |c| c.keyframe_requests,
+    },
+    Metric {
+        name: "rtc_shard_overloaded",
+        kind: "gauge",
+        help: "1 while the shard's socket stays backlogged (NACKs to publishers paused).",
+        get: |c| c.overloaded,
+    },
+    Metric {
+        name: "rtc_shard_overloads_total",
+        kind: "counter",
+        help: "Times the shard fell behind its socket.",
+        get: |c| c.overloads,
     },
 ];
 

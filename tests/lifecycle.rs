@@ -2,7 +2,8 @@
 //! needs time to pass or packets to vanish: ICE consent expiry removes a participant
 //! that went silent, NACKs recover lost packets from the resend buffer, and voice
 //! activity follows the audio level, a forwarded packet leaves in the batch that
-//! brought it, and a late connection starts with live media.
+//! brought it, a late connection starts with live media, and an overloaded shard
+//! stops asking publishers for resends.
 
 #[path = "sim/mod.rs"]
 mod sim;
@@ -204,4 +205,51 @@ fn a_late_connection_starts_with_live_media() {
         latency.max < 200_000,
         "the first audio was stale: {latency:?}"
     );
+}
+
+/// A shard that stays behind its socket lost those packets itself: asking publishers
+/// to resend them only adds to the backlog, so it stops until it has caught up.
+#[test]
+fn an_overloaded_shard_stops_asking_publishers_for_resends() {
+    let mut net = Network::new(vec![peer("pub", true), peer("sub", false)]);
+    net.run_until("the subscriber receives video", |net| {
+        net.receives_video(1, 10)
+    });
+    // The streams the publisher sends media on; resends come on another (RTX).
+    let media: Vec<u32> = net.rtp_from[0].keys().copied().collect();
+    let resends = |net: &Network| -> u64 {
+        net.rtp_from[0]
+            .iter()
+            .filter(|(ssrc, _)| !media.contains(ssrc))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let video = |net: &Network| {
+        let stats = net.peers[1].stats();
+        stats
+            .tracks
+            .iter()
+            .find(|t| t.kind == MediaKind::Video)
+            .map_or(0, |t| t.received)
+    };
+    net.lose_rtp_from = Some((0, 10));
+    net.run_until("the publisher resends what was lost", |net| {
+        resends(net) > 0
+    });
+
+    net.flood = true;
+    let flooded = net.now + std::time::Duration::from_millis(300);
+    net.run_until("the flood lasts 300 ms", |net| net.now >= flooded);
+    assert_eq!(net.sfu.counters.overloaded, 1, "the shard is overloaded");
+    assert_eq!(net.sfu.counters.overloads, 1);
+    let (resent, received) = (resends(&net), video(&net));
+    let end = net.now + std::time::Duration::from_secs(1);
+    net.run_until("a second more of flood and loss", |net| net.now >= end);
+    assert_eq!(resends(&net), resent, "no NACKs reached the publisher");
+    assert!(video(&net) > received + 20, "media still flows");
+
+    net.flood = false;
+    net.run_until("the shard recovers", |net| net.sfu.counters.overloaded == 0);
+    net.run_until("NACKs resume", |net| resends(net) > resent);
+    assert_eq!(net.sfu.counters.overloads, 1);
 }

@@ -1,8 +1,10 @@
 //! Media building blocks the shard's packet path (`crate::sfu`) is made of: demuxing
 //! datagrams to connections (`router`), per-subscriber rewriting (`forward`), voice
-//! activity (`speaking`), str0m configuration (`rtc`) and batched socket IO (`udp`).
+//! activity (`speaking`), str0m configuration (`rtc`), batched socket IO (`udp`) and
+//! telling when the shard is behind its socket (`overload`).
 
 pub mod forward;
+pub mod overload;
 pub mod router;
 pub mod rtc;
 pub mod speaking;

@@ -96,6 +96,15 @@ pub fn codec_of(rtc: &Rtc, pt: Pt) -> Option<Codec> {
         .map(|p| p.spec().codec)
 }
 
+/// Whether `rtc` negotiated a resend (RTX) payload type for `pt`: str0m NACKs the
+/// losses of such streams, and only of such streams.
+pub fn resends(rtc: &Rtc, pt: Pt) -> bool {
+    rtc.codec_config()
+        .params()
+        .iter()
+        .any(|p| p.pt() == pt && p.resend().is_some())
+}
+
 /// The payload type `rtc` uses for `codec`, if it negotiated one.
 pub fn pt_for(rtc: &Rtc, codec: Codec) -> Option<Pt> {
     rtc.codec_config()

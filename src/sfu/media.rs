@@ -10,7 +10,9 @@
 //!    str0m encrypts, and the runtime sends `transmits` with one `sendmmsg`.
 //!
 //! Keyframe requests (PLI) travel the other way, throttled per published track.
-//! Audio levels feed voice activity detection on the way through.
+//! Audio levels feed voice activity detection on the way through. While the shard is
+//! behind its socket (`media::overload`, fed the batch sizes here), publishers get no
+//! NACKs.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -21,10 +23,11 @@ use str0m::rtp::{ExtensionValues, RtpWrite};
 use tracing::debug;
 
 use super::Sfu;
-use super::room::{Side, TrackKey};
+use super::room::{Payload, Side, TrackKey};
 use crate::config::KEYFRAME_REQUEST_INTERVAL;
 use crate::media::forward::is_keyframe_start;
-use crate::media::rtc::codec_of;
+use crate::media::rtc::{codec_of, resends};
+use crate::media::udp::BATCH;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::ServerMsg;
 
@@ -35,7 +38,9 @@ impl Sfu {
         now: Instant,
         batch: impl Iterator<Item = (SocketAddr, &'a [u8])>,
     ) {
+        let mut datagrams = 0;
         for (source, data) in batch {
+            datagrams += 1;
             self.counters.udp_rx_packets += 1;
             let Some(key) = self.router.route(source, data) else {
                 self.counters.unrouted_packets += 1;
@@ -56,6 +61,8 @@ impl Sfu {
             }
             self.drain(key);
         }
+        let overloaded = self.overload.batch(now, datagrams >= BATCH);
+        self.overload_changed(overloaded);
         self.finish_round(now);
     }
 
@@ -77,15 +84,17 @@ impl Sfu {
     }
 
     fn forward(&mut self, now: Instant, publisher: ConnId, packet: &str0m::rtp::RtpPacket) {
+        let overloaded = self.overload.active();
         let Some(p) = self.peers.get_mut(&publisher) else {
             return;
         };
         let pt = *packet.header.payload_type;
+        let ssrc = packet.header.ssrc;
         let Some(mid) = p
             .publisher
             .rtc
             .direct_api()
-            .stream_rx(&packet.header.ssrc)
+            .stream_rx(&ssrc)
             .map(|s| s.mid())
         else {
             return;
@@ -93,16 +102,28 @@ impl Sfu {
         let Some(track) = p.tracks.get_mut(&mid) else {
             return;
         };
-        let codec = match track.last_codec {
-            Some((last_pt, codec)) if last_pt == pt => codec,
+        let payload = match track.last_payload {
+            Some(payload) if payload.pt == pt => payload,
             _ => {
                 let Some(codec) = codec_of(&p.publisher.rtc, pt.into()) else {
                     return;
                 };
-                track.last_codec = Some((pt, codec));
-                codec
+                let resends = resends(&p.publisher.rtc, pt.into());
+                let payload = Payload { pt, codec, resends };
+                track.last_payload = Some(payload);
+                payload
             }
         };
+        // Overloaded, the shard lost these packets itself: resends would queue behind
+        // the same backlog (see `media::overload`).
+        let pause_nacks = overloaded || !payload.resends;
+        if track.nacks_paused != Some((ssrc, pause_nacks)) {
+            if let Some(rx) = p.publisher.rtc.direct_api().stream_rx(&ssrc) {
+                rx.suppress_nack(pause_nacks);
+            }
+            track.nacks_paused = Some((ssrc, pause_nacks));
+        }
+        let codec = payload.codec;
         let video = track.kind == MediaKind::Video;
         let keyframe = video && is_keyframe_start(codec, &packet.payload);
         let speaking = packet

@@ -22,9 +22,10 @@ use std::time::Instant;
 use hashbrown::HashMap;
 use str0m::rtp::RtpPacket;
 use str0m::{Event, Output};
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::config::{Config, IceServer};
+use crate::media::overload::Overload;
 use crate::media::router::Router;
 use crate::media::rtc::RtcFactory;
 use crate::media::udp::SendQueue;
@@ -62,6 +63,7 @@ pub struct Sfu {
     rooms: HashMap<String, Room>,
     peers: HashMap<ConnId, Participant>,
     router: Router<LegKey>,
+    overload: Overload,
     /// str0m deadlines; an entry is stale when its leg's `scheduled` differs.
     timers: BinaryHeap<Reverse<(Instant, LegKey)>>,
     /// RTP packets a publisher produced, waiting to fan out (reused, never shrunk).
@@ -97,6 +99,7 @@ impl Sfu {
             rooms: HashMap::new(),
             peers: HashMap::new(),
             router: Router::default(),
+            overload: Overload::default(),
             timers: BinaryHeap::new(),
             forward_queue: Vec::with_capacity(256),
             events: Vec::new(),
@@ -131,7 +134,27 @@ impl Sfu {
             }
             self.drain(key);
         }
+        let recovered = self.overload.settle(now);
+        self.overload_changed(recovered);
         self.finish_round(now);
+    }
+
+    fn overload_changed(&mut self, state: Option<bool>) {
+        match state {
+            Some(true) => {
+                self.counters.overloads += 1;
+                warn!(
+                    shard = self.shard,
+                    "shard behind its socket: NACKs to publishers paused"
+                );
+            }
+            Some(false) => info!(
+                shard = self.shard,
+                "shard caught up: NACKs to publishers resumed"
+            ),
+            None => return,
+        }
+        self.counters.overloaded = u64::from(self.overload.active());
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {

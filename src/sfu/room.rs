@@ -9,6 +9,7 @@ use str0m::change::SdpPendingOffer;
 use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid};
 use str0m::net::Receive;
+use str0m::rtp::Ssrc;
 use str0m::{Input, Rtc, RtcError};
 
 use crate::media::forward::Rewriter;
@@ -81,12 +82,24 @@ pub struct PublishedTrack {
     pub source: Source,
     /// Subscribers with an answered offer for this track: the fan-out list.
     pub fanout: Vec<ConnId>,
-    /// The last payload type seen and its codec: saves a codec lookup per packet.
-    pub last_codec: Option<(u8, Codec)>,
+    /// What the last payload type seen means: saves a codec lookup per packet.
+    pub last_payload: Option<Payload>,
+    /// What str0m was last told about NACKs for this track's stream (by SSRC): paused
+    /// or not, so the packet path only touches the stream when that changes.
+    pub nacks_paused: Option<(Ssrc, bool)>,
     /// Throttles keyframe requests sent to the publisher on subscribers' behalf.
     pub last_keyframe_request: Option<Instant>,
     /// Voice activity of an audio track, from its packets' audio level.
     pub speaking: SpeakingDetector,
+}
+
+/// A publisher payload type, as forwarding needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Payload {
+    pub pt: u8,
+    pub codec: Codec,
+    /// A resend payload type was negotiated, so str0m NACKs this stream's losses.
+    pub resends: bool,
 }
 
 /// What one participant receives of one published track.

@@ -342,7 +342,8 @@ impl Sfu {
             kind,
             source,
             fanout: Vec::new(),
-            last_codec: None,
+            last_payload: None,
+            nacks_paused: None,
             last_keyframe_request: None,
             speaking: Default::default(),
         };

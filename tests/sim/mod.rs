@@ -9,11 +9,12 @@
 
 #![allow(dead_code)] // each user needs a different subset
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::iter;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use corelay::media::udp::BATCH;
 use corelay::sfu::{Limits, Sfu};
 use corelay::shard::messages::{ConnId, ToAccept, ToShard};
 use corelay::signaling::protocol::{ClientMsg, parse};
@@ -26,6 +27,9 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const CLIENT_PORT_BASE: u16 = 10_000;
 /// Smallest clock step, so a deadline in the past cannot stall the loop.
 const MIN_STEP: Duration = Duration::from_millis(1);
+/// Where a flood's junk datagrams come from: no connection's address.
+const FLOOD_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)), 9);
 /// Virtual time a `run_until` may take before the test fails.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
@@ -70,6 +74,15 @@ pub struct Network {
     /// Every n-th RTP datagram to this peer's subscriber leg is lost.
     pub lose_rtp_to: Option<(usize, u64)>,
     rtp_to_lossy: u64,
+    /// Every n-th RTP datagram from this peer's publisher leg is lost.
+    pub lose_rtp_from: Option<(usize, u64)>,
+    rtp_from_lossy: u64,
+    /// RTP datagrams each peer's publisher leg sent, by SSRC (lost ones included).
+    pub rtp_from: Vec<HashMap<u32, u64>>,
+    /// The SFU's socket is flooded: datagrams to it wait, and every tick hands it
+    /// full batches, topped up with junk, as a socket that is always behind does.
+    pub flood: bool,
+    backlog: Vec<(SocketAddr, Vec<u8>)>,
     /// Close requests the SFU made: (peer, code).
     pub closed: Vec<(usize, u16)>,
 }
@@ -99,12 +112,17 @@ impl Network {
             now,
             sfu,
             cut: vec![false; peers.len()],
+            rtp_from: vec![HashMap::new(); peers.len()],
             peers,
             hold_rtp_of: None,
             held: VecDeque::new(),
             hold_all_from: None,
             lose_rtp_to: None,
             rtp_to_lossy: 0,
+            lose_rtp_from: None,
+            rtp_from_lossy: 0,
+            flood: false,
+            backlog: Vec::new(),
             closed: Vec::new(),
         }
     }
@@ -149,7 +167,21 @@ impl Network {
                 peer.handle_timeout(self.now);
             }
         }
+        self.deliver_backlog();
         self.pump();
+    }
+
+    /// Hands the SFU what waited for it, in full batches while the flood lasts.
+    fn deliver_backlog(&mut self) {
+        let mut backlog = std::mem::take(&mut self.backlog);
+        if self.flood {
+            let junk = BATCH - backlog.len() % BATCH;
+            backlog.extend(iter::repeat_n((FLOOD_ADDR, vec![0; 100]), junk));
+        }
+        for batch in backlog.chunks(BATCH) {
+            let datagrams = batch.iter().map(|(from, d)| (*from, d.as_slice()));
+            self.sfu.handle_datagrams(self.now, datagrams);
+        }
     }
 
     /// Delivers signaling and datagrams both ways until nobody has anything to send.
@@ -205,7 +237,25 @@ impl Network {
         if self.cut[peer] {
             return;
         }
-        if (self.hold_rtp_of == Some(peer) && is_rtp(&contents))
+        if let (true, Some(&[a, b, c, d])) = (
+            is_rtp(&contents) && source == leg_addr(peer, Leg::Publisher),
+            contents.get(8..12),
+        ) {
+            *self.rtp_from[peer]
+                .entry(u32::from_be_bytes([a, b, c, d]))
+                .or_default() += 1;
+            if let Some((lossy, every)) = self.lose_rtp_from
+                && lossy == peer
+            {
+                self.rtp_from_lossy += 1;
+                if self.rtp_from_lossy.is_multiple_of(every) {
+                    return;
+                }
+            }
+        }
+        if self.flood {
+            self.backlog.push((source, contents));
+        } else if (self.hold_rtp_of == Some(peer) && is_rtp(&contents))
             || self.hold_all_from == Some(source)
         {
             self.held.push_back((source, contents));
