@@ -22,6 +22,7 @@ pub struct Counters {
     pub udp_rx_packets: u64,
     pub udp_tx_packets: u64,
     pub udp_tx_dropped: u64,
+    pub udp_rx_dropped: u64,
     pub unrouted_packets: u64,
     pub keyframe_requests: u64,
     pub overloaded: u64,
@@ -109,6 +110,12 @@ const METRICS: &[Metric] = &[
         get: |c| c.udp_tx_dropped,
     },
     Metric {
+        name: "rtc_udp_rx_dropped_total",
+        kind: "counter",
+        help: "Datagrams the kernel dropped (receive buffer full: the shard fell behind).",
+        get: |c| c.udp_rx_dropped,
+    },
+    Metric {
         name: "rtc_unrouted_packets_total",
         kind: "counter",
         help: "Datagrams that matched no connection.",
@@ -123,13 +130,13 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "rtc_shard_overloaded",
         kind: "gauge",
-        help: "1 while the shard's socket stays backlogged (NACKs to publishers paused).",
+        help: "1 while the shard's socket drops datagrams (NACKs to publishers paused).",
         get: |c| c.overloaded,
     },
     Metric {
         name: "rtc_shard_overloads_total",
         kind: "counter",
-        help: "Times the shard fell behind its socket.",
+        help: "Times the shard's socket started dropping datagrams.",
         get: |c| c.overloads,
     },
 ];

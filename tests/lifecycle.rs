@@ -2,8 +2,8 @@
 //! needs time to pass or packets to vanish: ICE consent expiry removes a participant
 //! that went silent, NACKs recover lost packets from the resend buffer, and voice
 //! activity follows the audio level, a forwarded packet leaves in the batch that
-//! brought it, a late connection starts with live media, and an overloaded shard
-//! stops asking publishers for resends.
+//! brought it, a late connection starts with live media, and a shard whose socket
+//! drops datagrams stops asking publishers for resends.
 
 #[path = "sim/mod.rs"]
 mod sim;
@@ -207,7 +207,7 @@ fn a_late_connection_starts_with_live_media() {
     );
 }
 
-/// A shard that stays behind its socket lost those packets itself: asking publishers
+/// A shard whose socket drops datagrams lost those packets itself: asking publishers
 /// to resend them only adds to the backlog, so it stops until it has caught up.
 #[test]
 fn an_overloaded_shard_stops_asking_publishers_for_resends() {
@@ -237,18 +237,18 @@ fn an_overloaded_shard_stops_asking_publishers_for_resends() {
         resends(net) > 0
     });
 
-    net.flood = true;
-    let flooded = net.now + std::time::Duration::from_millis(300);
-    net.run_until("the flood lasts 300 ms", |net| net.now >= flooded);
+    net.socket_dropping = true;
+    let dropping = net.now + std::time::Duration::from_millis(100);
+    net.run_until("the socket drops for 100 ms", |net| net.now >= dropping);
     assert_eq!(net.sfu.counters.overloaded, 1, "the shard is overloaded");
     assert_eq!(net.sfu.counters.overloads, 1);
     let (resent, received) = (resends(&net), video(&net));
     let end = net.now + std::time::Duration::from_secs(1);
-    net.run_until("a second more of flood and loss", |net| net.now >= end);
+    net.run_until("a second more of drops and loss", |net| net.now >= end);
     assert_eq!(resends(&net), resent, "no NACKs reached the publisher");
     assert!(video(&net) > received + 20, "media still flows");
 
-    net.flood = false;
+    net.socket_dropping = false;
     net.run_until("the shard recovers", |net| net.sfu.counters.overloaded == 0);
     net.run_until("NACKs resume", |net| resends(net) > resent);
     assert_eq!(net.sfu.counters.overloads, 1);

@@ -50,6 +50,11 @@ impl RecvBatch {
         self.len = 1;
     }
 
+    /// The socket had at least a batch queued: it may have filled up.
+    pub fn is_full(&self) -> bool {
+        self.len == BATCH
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
         (0..self.len).map(|i| (self.sources[i], &self.bufs[i][..self.lens[i]]))
     }
@@ -189,6 +194,28 @@ pub fn tune_socket(fd: RawFd) {
     }
 }
 
+/// Datagrams the kernel dropped because the socket's receive buffer was full.
+pub fn receive_drops(fd: RawFd) -> Option<u64> {
+    let mut info = [0_u32; SK_MEMINFO_VARS];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info` and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    let drops = usize::try_from(libc::SK_MEMINFO_DROPS).ok()?;
+    (rc == 0).then(|| u64::from(info[drops]))
+}
+
+/// `SO_MEMINFO` (Linux 3.17) and its array length, which the libc crate lacks.
+const SO_MEMINFO: libc::c_int = 55;
+const SK_MEMINFO_VARS: usize = 9;
+
 fn to_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
     match addr {
         SocketAddr::V4(a) => {
@@ -289,6 +316,18 @@ mod tests {
             to_sockaddr(addr, &mut storage);
             assert_eq!(from_sockaddr(&storage), Some(addr));
         }
+    }
+
+    #[test]
+    fn receive_drops_counts_what_a_full_buffer_lost() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(receive_drops(rx.as_raw_fd()), Some(0));
+        // The default receive buffer holds a few hundred kilobytes at most.
+        for _ in 0..2_000 {
+            tx.send_to(&[0; 1_000], rx.local_addr().unwrap()).unwrap();
+        }
+        assert!(receive_drops(rx.as_raw_fd()).is_some_and(|d| d > 0));
     }
 
     #[test]

@@ -10,9 +10,8 @@
 //!    str0m encrypts, and the runtime sends `transmits` with one `sendmmsg`.
 //!
 //! Keyframe requests (PLI) travel the other way, throttled per published track.
-//! Audio levels feed voice activity detection on the way through. While the shard is
-//! behind its socket (`media::overload`, fed the batch sizes here), publishers get no
-//! NACKs.
+//! Audio levels feed voice activity detection on the way through. While the shard's
+//! socket drops datagrams (`media::overload`), publishers get no NACKs.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -27,7 +26,6 @@ use super::room::{Payload, Side, TrackKey};
 use crate::config::KEYFRAME_REQUEST_INTERVAL;
 use crate::media::forward::is_keyframe_start;
 use crate::media::rtc::{codec_of, resends};
-use crate::media::udp::BATCH;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::ServerMsg;
 
@@ -38,9 +36,7 @@ impl Sfu {
         now: Instant,
         batch: impl Iterator<Item = (SocketAddr, &'a [u8])>,
     ) {
-        let mut datagrams = 0;
         for (source, data) in batch {
-            datagrams += 1;
             self.counters.udp_rx_packets += 1;
             let Some(key) = self.router.route(source, data) else {
                 self.counters.unrouted_packets += 1;
@@ -61,8 +57,6 @@ impl Sfu {
             }
             self.drain(key);
         }
-        let overloaded = self.overload.batch(now, datagrams >= BATCH);
-        self.overload_changed(overloaded);
         self.finish_round(now);
     }
 
@@ -114,7 +108,7 @@ impl Sfu {
                 payload
             }
         };
-        // Overloaded, the shard lost these packets itself: resends would queue behind
+        // Overloaded, the shard's own socket loses packets: resends would queue behind
         // the same backlog (see `media::overload`).
         let pause_nacks = overloaded || !payload.resends;
         if track.nacks_paused != Some((ssrc, pause_nacks)) {

@@ -139,18 +139,25 @@ impl Sfu {
         self.finish_round(now);
     }
 
+    /// The socket's drop counter, read by the runtime after a full receive batch.
+    pub fn socket_drops(&mut self, now: Instant, total: u64) {
+        self.counters.udp_rx_dropped = total;
+        let changed = self.overload.drops(now, total);
+        self.overload_changed(changed);
+    }
+
     fn overload_changed(&mut self, state: Option<bool>) {
         match state {
             Some(true) => {
                 self.counters.overloads += 1;
                 warn!(
                     shard = self.shard,
-                    "shard behind its socket: NACKs to publishers paused"
+                    "socket dropping datagrams: NACKs to publishers paused"
                 );
             }
             Some(false) => info!(
                 shard = self.shard,
-                "shard caught up: NACKs to publishers resumed"
+                "socket caught up: NACKs to publishers resumed"
             ),
             None => return,
         }

@@ -3,7 +3,8 @@
 //! their `Rtc`s and their packets never leave that core.
 //!
 //! Three tasks per shard share the `Sfu` through a `RefCell` (one thread, no locks):
-//! - the UDP task awaits a datagram, drains the rest of the batch with `recvmmsg`,
+//! - the UDP task awaits a datagram, drains the rest of the batch with `recvmmsg`
+//!   (and, when that filled the batch, reads the socket's drop counter: overload),
 //!   hands the batch to the `Sfu` and flushes;
 //! - the mailbox task takes signaling from the accept shard, a bounded batch at a time;
 //! - the timer task sleeps until the `Sfu`'s next str0m deadline.
@@ -183,9 +184,16 @@ impl Shard {
             };
             batch.set_first(len, source);
             batch.drain_more(self.fd());
-            self.sfu
-                .borrow_mut()
-                .handle_datagrams(Instant::now(), batch.iter());
+            {
+                let now = Instant::now();
+                let mut sfu = self.sfu.borrow_mut();
+                if batch.is_full()
+                    && let Some(drops) = udp::receive_drops(self.fd())
+                {
+                    sfu.socket_drops(now, drops);
+                }
+                sfu.handle_datagrams(now, batch.iter());
+            }
             self.flush();
             glommio::yield_if_needed().await;
         }

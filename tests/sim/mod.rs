@@ -14,7 +14,6 @@ use std::iter;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use corelay::media::udp::BATCH;
 use corelay::sfu::{Limits, Sfu};
 use corelay::shard::messages::{ConnId, ToAccept, ToShard};
 use corelay::signaling::protocol::{ClientMsg, parse};
@@ -79,10 +78,9 @@ pub struct Network {
     rtp_from_lossy: u64,
     /// RTP datagrams each peer's publisher leg sent, by SSRC (lost ones included).
     pub rtp_from: Vec<HashMap<u32, u64>>,
-    /// The SFU's socket is flooded: datagrams to it wait, and every tick hands it
-    /// full batches, topped up with junk, as a socket that is always behind does.
-    pub flood: bool,
-    backlog: Vec<(SocketAddr, Vec<u8>)>,
+    /// The SFU's socket is overflowing: every tick, its drop counter goes up.
+    pub socket_dropping: bool,
+    socket_drops: u64,
     /// Close requests the SFU made: (peer, code).
     pub closed: Vec<(usize, u16)>,
 }
@@ -121,8 +119,8 @@ impl Network {
             rtp_to_lossy: 0,
             lose_rtp_from: None,
             rtp_from_lossy: 0,
-            flood: false,
-            backlog: Vec::new(),
+            socket_dropping: false,
+            socket_drops: 0,
             closed: Vec::new(),
         }
     }
@@ -167,21 +165,11 @@ impl Network {
                 peer.handle_timeout(self.now);
             }
         }
-        self.deliver_backlog();
+        if self.socket_dropping {
+            self.socket_drops += 1;
+            self.sfu.socket_drops(self.now, self.socket_drops);
+        }
         self.pump();
-    }
-
-    /// Hands the SFU what waited for it, in full batches while the flood lasts.
-    fn deliver_backlog(&mut self) {
-        let mut backlog = std::mem::take(&mut self.backlog);
-        if self.flood {
-            let junk = BATCH - backlog.len() % BATCH;
-            backlog.extend(iter::repeat_n((FLOOD_ADDR, vec![0; 100]), junk));
-        }
-        for batch in backlog.chunks(BATCH) {
-            let datagrams = batch.iter().map(|(from, d)| (*from, d.as_slice()));
-            self.sfu.handle_datagrams(self.now, datagrams);
-        }
     }
 
     /// Delivers signaling and datagrams both ways until nobody has anything to send.
@@ -253,9 +241,7 @@ impl Network {
                 }
             }
         }
-        if self.flood {
-            self.backlog.push((source, contents));
-        } else if (self.hold_rtp_of == Some(peer) && is_rtp(&contents))
+        if (self.hold_rtp_of == Some(peer) && is_rtp(&contents))
             || self.hold_all_from == Some(source)
         {
             self.held.push_back((source, contents));
