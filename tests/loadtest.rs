@@ -49,6 +49,11 @@ fn short_run_delivers_media_without_loss_and_writes_reports() {
     assert!(report.first_video_ms.is_some());
     assert!(report.rates.server_forwarded_pps.is_some_and(|p| p > 0.0));
     assert_eq!(report.server.participants_after_leave, Some(0));
+    assert_eq!(
+        report.server.udp_rx_dropped,
+        Some(0),
+        "the server's socket kept up"
+    );
     assert_eq!(report.series.len(), progress.len());
 
     let dir = std::env::temp_dir().join(format!("corelay-loadtest-{}", std::process::id()));

@@ -100,6 +100,7 @@ pub struct ServerSample {
     pub forwarded_packets: Option<f64>,
     pub udp_tx_packets: Option<f64>,
     pub udp_tx_dropped: Option<f64>,
+    pub udp_rx_dropped: Option<f64>,
     pub participants: Option<f64>,
     pub rooms: Option<f64>,
 }
@@ -148,6 +149,7 @@ impl ServerProbe {
             forwarded_packets: metric("rtc_forwarded_packets_total"),
             udp_tx_packets: metric("rtc_udp_tx_packets_total"),
             udp_tx_dropped: metric("rtc_udp_tx_dropped_total"),
+            udp_rx_dropped: metric("rtc_udp_rx_dropped_total"),
             participants: metric("rtc_active_participants"),
             rooms: metric("rtc_active_rooms"),
         }

@@ -195,6 +195,9 @@ pub struct ServerFigures {
     pub participants: Option<u64>,
     /// Datagrams the server's kernel refused during the run.
     pub udp_tx_dropped: Option<u64>,
+    /// Datagrams the server's kernel dropped on arrival during the run (its socket's
+    /// receive buffer was full: the server fell behind).
+    pub udp_rx_dropped: Option<u64>,
     /// Participants and rooms the server still held after everyone left, beyond what
     /// it held before the run: anything but zero is a leak (or someone else's load).
     pub participants_after_leave: Option<i64>,
@@ -485,6 +488,11 @@ impl Report {
                 p.violation_samples.first()
             ));
         }
+        if let Some(n) = self.server.udp_rx_dropped.filter(|n| *n > 0) {
+            warnings.push(format!(
+                "the server's sockets dropped {n} arriving datagrams: it could not keep up (loss above is its own)"
+            ));
+        }
         if let Some(n) = self.server.participants_after_leave.filter(|n| *n > 0) {
             warnings.push(format!(
                 "the server still holds {n} participants after everyone left (a leak, or other load)"
@@ -671,6 +679,12 @@ pub(crate) mod tests {
                 .any(|w| w.contains("3 participants failed"))
         );
         assert!(report.warnings.iter().any(|w| w.contains("still holds 2")));
+
+        let mut overloaded = sample_report();
+        overloaded.server.udp_rx_dropped = Some(1234);
+        overloaded.assess();
+        assert!(!overloaded.harness.limited, "the server's limit, not ours");
+        assert!(overloaded.warnings[0].contains("dropped 1234 arriving datagrams"));
         assert!(report.table().contains("WARNING"));
 
         let mut starved = sample_report();

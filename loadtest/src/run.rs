@@ -450,6 +450,8 @@ impl Coordinator {
                 participants: b.server.participants.map(|p| p as u64),
                 udp_tx_dropped: growth(after.udp_tx_dropped, self.baseline.udp_tx_dropped)
                     .map(|d| d.max(0) as u64),
+                udp_rx_dropped: growth(after.udp_rx_dropped, self.baseline.udp_rx_dropped)
+                    .map(|d| d.max(0) as u64),
                 participants_after_leave: growth(after.participants, self.baseline.participants),
                 rooms_after_leave: growth(after.rooms, self.baseline.rooms),
             },
