@@ -224,14 +224,6 @@ fn an_overloaded_shard_stops_asking_publishers_for_resends() {
             .map(|(_, n)| n)
             .sum()
     };
-    let video = |net: &Network| {
-        let stats = net.peers[1].stats();
-        stats
-            .tracks
-            .iter()
-            .find(|t| t.kind == MediaKind::Video)
-            .map_or(0, |t| t.received)
-    };
     net.lose_rtp_from = Some((0, 10));
     net.run_until("the publisher resends what was lost", |net| {
         resends(net) > 0
@@ -242,11 +234,11 @@ fn an_overloaded_shard_stops_asking_publishers_for_resends() {
     net.run_until("the socket drops for 100 ms", |net| net.now >= dropping);
     assert_eq!(net.sfu.counters.overloaded, 1, "the shard is overloaded");
     assert_eq!(net.sfu.counters.overloads, 1);
-    let (resent, received) = (resends(&net), video(&net));
+    let (resent, received) = (resends(&net), net.video_received(1));
     let end = net.now + std::time::Duration::from_secs(1);
     net.run_until("a second more of drops and loss", |net| net.now >= end);
     assert_eq!(resends(&net), resent, "no NACKs reached the publisher");
-    assert!(video(&net) > received + 20, "media still flows");
+    assert!(net.video_received(1) > received + 20, "media still flows");
 
     net.socket_dropping = false;
     net.run_until("the shard recovers", |net| net.sfu.counters.overloaded == 0);

@@ -26,9 +26,6 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const CLIENT_PORT_BASE: u16 = 10_000;
 /// Smallest clock step, so a deadline in the past cannot stall the loop.
 const MIN_STEP: Duration = Duration::from_millis(1);
-/// Where a flood's junk datagrams come from: no connection's address.
-const FLOOD_ADDR: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)), 9);
 /// Virtual time a `run_until` may take before the test fails.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
@@ -128,12 +125,19 @@ impl Network {
     /// True when `peer`'s subscriber leg is connected and has received at least
     /// `min_packets` video packets of one track.
     pub fn receives_video(&self, peer: usize, min_packets: u64) -> bool {
-        let stats = self.peers[peer].stats();
-        stats.subscriber_connected
-            && stats
-                .tracks
-                .iter()
-                .any(|t| t.kind == MediaKind::Video && t.received >= min_packets)
+        self.peers[peer].stats().subscriber_connected && self.video_received(peer) >= min_packets
+    }
+
+    /// Video packets `peer` received on its busiest video track.
+    pub fn video_received(&self, peer: usize) -> u64 {
+        self.peers[peer]
+            .stats()
+            .tracks
+            .iter()
+            .filter(|t| t.kind == MediaKind::Video)
+            .map(|t| t.received)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Runs the clock until `done` holds; fails after `RUN_LIMIT` of virtual time.
