@@ -87,22 +87,14 @@ impl RtcFactory {
     }
 }
 
-/// The codec behind a negotiated payload type of `rtc`.
-pub fn codec_of(rtc: &Rtc, pt: Pt) -> Option<Codec> {
+/// What `rtc` negotiated for payload type `pt`: its codec, and whether it has a
+/// resend (RTX) payload type (str0m NACKs the losses of such streams, and only those).
+pub fn payload_of(rtc: &Rtc, pt: Pt) -> Option<(Codec, bool)> {
     rtc.codec_config()
         .params()
         .iter()
         .find(|p| p.pt() == pt)
-        .map(|p| p.spec().codec)
-}
-
-/// Whether `rtc` negotiated a resend (RTX) payload type for `pt`: str0m NACKs the
-/// losses of such streams, and only of such streams.
-pub fn resends(rtc: &Rtc, pt: Pt) -> bool {
-    rtc.codec_config()
-        .params()
-        .iter()
-        .any(|p| p.pt() == pt && p.resend().is_some())
+        .map(|p| (p.spec().codec, p.resend().is_some()))
 }
 
 /// The payload type `rtc` uses for `codec`, if it negotiated one.

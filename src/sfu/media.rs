@@ -25,7 +25,7 @@ use super::Sfu;
 use super::room::{Payload, Side, TrackKey};
 use crate::config::KEYFRAME_REQUEST_INTERVAL;
 use crate::media::forward::is_keyframe_start;
-use crate::media::rtc::{codec_of, resends};
+use crate::media::rtc::payload_of;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::ServerMsg;
 
@@ -99,10 +99,9 @@ impl Sfu {
         let payload = match track.last_payload {
             Some(payload) if payload.pt == pt => payload,
             _ => {
-                let Some(codec) = codec_of(&p.publisher.rtc, pt.into()) else {
+                let Some((codec, resends)) = payload_of(&p.publisher.rtc, pt.into()) else {
                     return;
                 };
-                let resends = resends(&p.publisher.rtc, pt.into());
                 let payload = Payload { pt, codec, resends };
                 track.last_payload = Some(payload);
                 payload

@@ -19,7 +19,7 @@ use super::room::{
 };
 use crate::config::RESEND_WINDOW;
 use crate::media::forward::Rewriter;
-use crate::media::rtc::{Role, codec_of, pt_for};
+use crate::media::rtc::{Role, pt_for};
 use crate::shard::messages::{
     ConnId, ParticipantSnapshot, RoomSnapshot, ToAccept, ToShard, TrackSnapshot,
 };
@@ -529,8 +529,7 @@ impl Sfu {
             .params()
             .iter()
             .filter_map(|params| {
-                let codec = codec_of(&p.publisher.rtc, params.pt())?;
-                let to = pt_for(&s.subscriber.rtc, codec)?;
+                let to = pt_for(&s.subscriber.rtc, params.spec().codec)?;
                 Some((*params.pt(), *to))
             })
             .collect();
