@@ -208,8 +208,11 @@ pub fn receive_drops(fd: RawFd) -> Option<u64> {
             &raw mut len,
         )
     };
-    let drops = usize::try_from(libc::SK_MEMINFO_DROPS).ok()?;
-    (rc == 0).then(|| u64::from(info[drops]))
+    if rc != 0 {
+        return None;
+    }
+    let drops = info.get(usize::try_from(libc::SK_MEMINFO_DROPS).ok()?)?;
+    Some(u64::from(*drops))
 }
 
 /// `SO_MEMINFO` (Linux 3.17) and its array length, which the libc crate lacks.

@@ -147,21 +147,22 @@ impl Sfu {
     }
 
     fn overload_changed(&mut self, state: Option<bool>) {
-        match state {
-            Some(true) => {
-                self.counters.overloads += 1;
-                warn!(
-                    shard = self.shard,
-                    "socket dropping datagrams: NACKs to publishers paused"
-                );
-            }
-            Some(false) => info!(
+        let Some(overloaded) = state else {
+            return;
+        };
+        self.counters.overloaded = u64::from(overloaded);
+        if overloaded {
+            self.counters.overloads += 1;
+            warn!(
+                shard = self.shard,
+                "socket dropping datagrams: NACKs to publishers paused"
+            );
+        } else {
+            info!(
                 shard = self.shard,
                 "socket caught up: NACKs to publishers resumed"
-            ),
-            None => return,
+            );
         }
-        self.counters.overloaded = u64::from(self.overload.active());
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
