@@ -106,9 +106,6 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
-/// How long a publisher is protected from repeated keyframe requests.
-pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
-
 /// How far back a subscriber may NACK: the resend buffer keeps this much per stream.
 /// Half a second covers NACK recovery for round trips up to about 400 ms; later
 /// resends would miss the receiver's jitter buffer anyway (Janus keeps 200 ms, or

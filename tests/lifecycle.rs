@@ -1,6 +1,7 @@
 //! Deterministic runs of one shard's SFU over the in-memory network (`sim`), for what
 //! needs time to pass or packets to vanish: ICE consent expiry removes a participant
-//! that went silent, NACKs recover lost packets from the resend buffer, and voice
+//! that went silent, NACKs recover lost packets from the resend buffer, a subscriber
+//! right after another gets its own keyframe without a long throttle, voice
 //! activity follows the audio level, a forwarded packet leaves in the batch that
 //! brought it, a late connection starts with live media, and a shard whose socket
 //! drops datagrams stops asking publishers for resends.
@@ -96,6 +97,64 @@ fn nacks_recover_lost_video_from_the_resend_buffer() {
         "resends arrive late, so losses did happen"
     );
     assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+}
+
+/// A subscriber that connects just after another needs a keyframe of its own (the one
+/// requested for the first came before it). It used to wait out a fixed 300 ms
+/// throttle since that first request; now only the 100 ms gap.
+#[test]
+fn a_subscriber_right_after_another_gets_its_own_keyframe_quickly() {
+    use std::time::Duration;
+    let mut publisher = peer("pub", true);
+    // No periodic keyframes: every keyframe is one the server asked for.
+    publisher.media.keyframe_interval = Duration::from_secs(600);
+    let mut net = Network::new(vec![publisher, peer("first", false), peer("second", false)]);
+    let second = leg_addr(2, Leg::Subscriber);
+    net.hold_all_from = Some(second);
+    let requests = |net: &Network| net.peers[0].stats().keyframe_requests;
+    let keyframes = |net: &Network, i: usize| {
+        let stats = net.peers[i].stats();
+        stats
+            .tracks
+            .iter()
+            .filter(|t| t.kind == MediaKind::Video)
+            .map(|t| t.keyframes)
+            .sum::<u64>()
+    };
+    net.run_until("the first subscriber's keyframe", |net| {
+        keyframes(net, 1) > 0
+    });
+    // The first video keyframe was the request made when the first subscriber connected.
+    let first_request = net.now;
+    let asked = requests(&net);
+    assert!(asked > 0, "the first keyframe was requested");
+
+    // The second subscriber's connection gets through 150 ms after that request.
+    let release = first_request + Duration::from_millis(150);
+    net.run_until("150 ms on", |net| net.now >= release);
+    net.hold_all_from = None;
+    for (source, datagram) in std::mem::take(&mut net.held) {
+        net.sfu
+            .handle_datagrams(net.now, std::iter::once((source, datagram.as_slice())));
+    }
+    net.run_until("the second subscriber connects", |net| {
+        net.peers[2].stats().subscriber_connected
+    });
+    let connected = net.now;
+    assert!(connected - first_request < Duration::from_millis(300));
+    net.run_until("the second subscriber's keyframe", |net| {
+        keyframes(net, 2) > 0
+    });
+    assert_eq!(
+        requests(&net),
+        asked + 1,
+        "one more request, for the second"
+    );
+    let waited = net.now - connected;
+    assert!(
+        waited < Duration::from_millis(100),
+        "the second subscriber waited {waited:?} for its first keyframe"
+    );
 }
 
 #[test]

@@ -9,7 +9,8 @@
 //! 3. `Sfu::finish_round` ticks and drains every `Rtc` written to, once per batch;
 //!    str0m encrypts, and the runtime sends `transmits` with one `sendmmsg`.
 //!
-//! Keyframe requests (PLI) travel the other way, throttled per published track.
+//! Keyframe requests (PLI) travel the other way, one outstanding per published track
+//! (`media::keyframe`).
 //! Audio levels feed voice activity detection on the way through. While the shard's
 //! socket drops datagrams (`media::overload`), publishers get no NACKs.
 
@@ -23,7 +24,6 @@ use tracing::debug;
 
 use super::Sfu;
 use super::room::{Payload, Side, TrackKey};
-use crate::config::KEYFRAME_REQUEST_INTERVAL;
 use crate::media::forward::is_keyframe_start;
 use crate::media::rtc::payload_of;
 use crate::shard::messages::ConnId;
@@ -119,6 +119,9 @@ impl Sfu {
         let codec = payload.codec;
         let video = track.kind == MediaKind::Video;
         let keyframe = video && is_keyframe_start(codec, &packet.payload);
+        if keyframe {
+            track.keyframe_requests.keyframe();
+        }
         let speaking = packet
             .header
             .ext_vals
@@ -206,7 +209,8 @@ impl Sfu {
         self.broadcast(&session_id, conn, &text);
     }
 
-    /// Asks a publisher for a keyframe, at most once per `KEYFRAME_REQUEST_INTERVAL`.
+    /// Asks a publisher for a keyframe, unless one already asked for will serve
+    /// (`media::keyframe`).
     pub(super) fn request_keyframe(&mut self, now: Instant, (publisher, mid): TrackKey) {
         let Some(p) = self.peers.get_mut(&publisher) else {
             return;
@@ -214,19 +218,17 @@ impl Sfu {
         let Some(track) = p.tracks.get_mut(&mid) else {
             return;
         };
-        if track.kind != MediaKind::Video
-            || track
-                .last_keyframe_request
-                .is_some_and(|at| now.saturating_duration_since(at) < KEYFRAME_REQUEST_INTERVAL)
-        {
+        if track.kind != MediaKind::Video {
             return;
         }
         let mut api = p.publisher.rtc.direct_api();
         let Some(rx) = api.stream_rx_by_mid(mid, None) else {
             return; // nothing received yet; the first keyframe comes by itself
         };
+        if !track.keyframe_requests.request(now) {
+            return;
+        }
         rx.request_keyframe(KeyframeRequestKind::Pli);
-        track.last_keyframe_request = Some(now);
         self.counters.keyframe_requests += 1;
         self.touch((publisher, Side::Publisher));
     }

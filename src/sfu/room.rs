@@ -13,6 +13,7 @@ use str0m::rtp::Ssrc;
 use str0m::{Input, Rtc, RtcError};
 
 use crate::media::forward::Rewriter;
+use crate::media::keyframe::KeyframeRequests;
 use crate::media::speaking::SpeakingDetector;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::MediaState;
@@ -87,8 +88,8 @@ pub struct PublishedTrack {
     /// What str0m was last told about NACKs for this track's stream (by SSRC): paused
     /// or not, so the packet path only touches the stream when that changes.
     pub nacks_paused: Option<(Ssrc, bool)>,
-    /// Throttles keyframe requests sent to the publisher on subscribers' behalf.
-    pub last_keyframe_request: Option<Instant>,
+    /// Keyframe requests sent to the publisher on subscribers' behalf.
+    pub keyframe_requests: KeyframeRequests,
     /// Voice activity of an audio track, from its packets' audio level.
     pub speaking: SpeakingDetector,
 }

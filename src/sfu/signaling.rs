@@ -19,6 +19,7 @@ use super::room::{
 };
 use crate::config::RESEND_WINDOW;
 use crate::media::forward::Rewriter;
+use crate::media::keyframe::KeyframeRequests;
 use crate::media::rtc::{Role, pt_for};
 use crate::shard::messages::{
     ConnId, ParticipantSnapshot, RoomSnapshot, ToAccept, ToShard, TrackSnapshot,
@@ -344,7 +345,7 @@ impl Sfu {
             fanout: Vec::new(),
             last_payload: None,
             nacks_paused: None,
-            last_keyframe_request: None,
+            keyframe_requests: KeyframeRequests::default(),
             speaking: Default::default(),
         };
         let text = track_published(&p.peer_id, &track);
