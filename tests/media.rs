@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{TestServer, Ws};
 use corelay_loadtest::{Client, ClientConfig, ClientStats, MediaKind};
@@ -148,6 +148,27 @@ fn late_joiner_gets_a_keyframe_quickly() {
         .wait_for(Duration::from_secs(1), |s| s.keyframe_requests > before)
         .expect("the keyframe was the server's request on the newcomer's behalf");
     assert!(stats.violations.is_empty(), "{:?}", stats.violations);
+}
+
+/// A client that has just talked acknowledges what it receives late (delayed ACK: 40
+/// ms on Linux, up to 200 ms elsewhere), and Nagle's algorithm held the server's next
+/// message until that acknowledgement: news of a newcomer came 40 ms after the
+/// newcomer's own `joined`.
+#[test]
+fn news_reaches_a_client_as_soon_as_the_newcomer_hears() {
+    let server = TestServer::start(&[]);
+    let url = server.ws_url("nagle");
+    let (mut quiet, _) = Ws::join(&url, "nagle", "quiet");
+    quiet.send(r#"{"type":"ping"}"#);
+    quiet.recv_type("pong");
+    let _newcomer = Ws::join(&url, "nagle", "newcomer");
+    let joined = Instant::now();
+    quiet.recv_type("peer_joined");
+    let late = joined.elapsed();
+    assert!(
+        late < Duration::from_millis(15),
+        "peer_joined came {late:?} after the newcomer's joined"
+    );
 }
 
 /// Two publishers in a room with media flowing, for tests that disturb the server

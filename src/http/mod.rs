@@ -55,6 +55,9 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
         return;
     }
     stream.set_read_timeout(Some(HEAD_TIMEOUT)).ok();
+    // Signaling is small messages sent as they happen. With Nagle's algorithm each
+    // waited for the client's (delayed, 40 ms or more) acknowledgement of the last.
+    stream.set_nodelay(true).ok();
     let Some(head) = read_head(&mut stream).await else {
         return;
     };
