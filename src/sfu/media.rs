@@ -25,6 +25,7 @@ use tracing::debug;
 use super::Sfu;
 use super::room::{Payload, Side, TrackKey};
 use crate::media::forward::is_keyframe_start;
+use crate::media::keyframe::Need;
 use crate::media::rtc::payload_of;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::ServerMsg;
@@ -187,7 +188,7 @@ impl Sfu {
             track.fanout = fanout;
         }
         if wants_keyframe {
-            self.request_keyframe(now, track_key);
+            self.request_keyframe(now, track_key, Need::Start);
         }
         if let Some((speaking, level)) = speaking {
             self.announce_speaking(publisher, speaking, level);
@@ -211,7 +212,12 @@ impl Sfu {
 
     /// Asks a publisher for a keyframe, unless one already asked for will serve
     /// (`media::keyframe`).
-    pub(super) fn request_keyframe(&mut self, now: Instant, (publisher, mid): TrackKey) {
+    pub(super) fn request_keyframe(
+        &mut self,
+        now: Instant,
+        (publisher, mid): TrackKey,
+        need: Need,
+    ) {
         let Some(p) = self.peers.get_mut(&publisher) else {
             return;
         };
@@ -225,7 +231,7 @@ impl Sfu {
         let Some(rx) = api.stream_rx_by_mid(mid, None) else {
             return; // nothing received yet; the first keyframe comes by itself
         };
-        if !track.keyframe_requests.request(now) {
+        if !track.keyframe_requests.request(now, need) {
             return;
         }
         rx.request_keyframe(KeyframeRequestKind::Pli);
@@ -240,7 +246,7 @@ impl Sfu {
         };
         let tracks: Vec<TrackKey> = p.subscriptions.keys().copied().collect();
         for track in tracks {
-            self.request_keyframe(now, track);
+            self.request_keyframe(now, track, Need::Start);
         }
     }
 }

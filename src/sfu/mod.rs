@@ -25,6 +25,7 @@ use str0m::{Event, Output};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, IceServer};
+use crate::media::keyframe::Need;
 use crate::media::overload::Overload;
 use crate::media::router::Router;
 use crate::media::rtc::RtcFactory;
@@ -316,7 +317,7 @@ impl Sfu {
                     .get(&key.0)
                     .and_then(|p| p.subscribed_mids.get(&req.mid).copied());
                 if let Some(track) = track {
-                    self.request_keyframe(now, track);
+                    self.request_keyframe(now, track, Need::Repair);
                 }
             }
             _ => {}

@@ -19,7 +19,7 @@ use super::room::{
 };
 use crate::config::RESEND_WINDOW;
 use crate::media::forward::Rewriter;
-use crate::media::keyframe::KeyframeRequests;
+use crate::media::keyframe::{KeyframeRequests, Need};
 use crate::media::rtc::{Role, pt_for};
 use crate::shard::messages::{
     ConnId, ParticipantSnapshot, RoomSnapshot, ToAccept, ToShard, TrackSnapshot,
@@ -499,11 +499,16 @@ impl Sfu {
                 format!("answer refused: {e}"),
             ));
         }
+        let connected = p.subscriber.connected;
         for (track_key, mid) in pending.added {
             self.subscribe(conn, track_key, mid);
+            // Before the connection is up a keyframe would reach nobody; `Connected`
+            // asks for them then.
+            if connected {
+                self.request_keyframe(now, track_key, Need::Start);
+            }
         }
         self.drain((conn, Side::Subscriber));
-        self.request_keyframes_for(now, conn);
         // Changes that arrived while the offer was out are offered now.
         self.offers_due.push(conn);
         Ok(())
