@@ -24,6 +24,16 @@ fn peer_id(net: &Network, i: usize) -> String {
     net.peers[i].peer_id().expect("joined").to_owned()
 }
 
+/// Lets the held datagrams through and runs until peer `i`'s subscriber connection is
+/// up; returns when that was.
+fn release_until_connected(net: &mut Network, i: usize) -> std::time::Instant {
+    net.release_held();
+    net.run_until("the subscriber connects", |net| {
+        net.peers[i].stats().subscriber_connected
+    });
+    net.now
+}
+
 fn offered_publishers(net: &Network, i: usize) -> Vec<String> {
     net.peers[i]
         .stats()
@@ -132,15 +142,7 @@ fn a_subscriber_right_after_another_gets_its_own_keyframe_quickly() {
     // The second subscriber's connection gets through 150 ms after that request.
     let release = first_request + Duration::from_millis(150);
     net.run_until("150 ms on", |net| net.now >= release);
-    net.hold_all_from = None;
-    for (source, datagram) in std::mem::take(&mut net.held) {
-        net.sfu
-            .handle_datagrams(net.now, std::iter::once((source, datagram.as_slice())));
-    }
-    net.run_until("the second subscriber connects", |net| {
-        net.peers[2].stats().subscriber_connected
-    });
-    let connected = net.now;
+    let connected = release_until_connected(&mut net, 2);
     assert!(connected - first_request < Duration::from_millis(300));
     net.run_until("the second subscriber's keyframe", |net| {
         keyframes(net, 2) > 0
@@ -177,15 +179,7 @@ fn a_keyframe_is_asked_for_when_the_subscriber_can_receive_it() {
         "a keyframe was asked for before the subscriber could receive it"
     );
 
-    net.hold_all_from = None;
-    for (source, datagram) in std::mem::take(&mut net.held) {
-        net.sfu
-            .handle_datagrams(net.now, std::iter::once((source, datagram.as_slice())));
-    }
-    net.run_until("the subscriber connects", |net| {
-        net.peers[1].stats().subscriber_connected
-    });
-    let connected = net.now;
+    let connected = release_until_connected(&mut net, 1);
     net.run_until("the subscriber's first video", |net| {
         net.receives_video(1, 1)
     });

@@ -205,6 +205,16 @@ impl Network {
         }
     }
 
+    /// Stops holding datagrams and hands the held ones to the SFU, in order.
+    pub fn release_held(&mut self) {
+        self.hold_all_from = None;
+        self.hold_rtp_of = None;
+        for (source, datagram) in std::mem::take(&mut self.held) {
+            self.sfu
+                .handle_datagrams(self.now, iter::once((source, datagram.as_slice())));
+        }
+    }
+
     /// What the accept shard does with a client's text frame.
     fn signal_to_sfu(&mut self, peer: usize, text: &str) {
         let request = parse(text).unwrap_or_else(|e| panic!("bad client message {text}: {e:?}"));
