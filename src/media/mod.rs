@@ -4,6 +4,7 @@
 //! (`rtc`), batched socket IO (`udp`) and telling when the shard is behind its socket
 //! (`overload`).
 
+pub mod dtls;
 pub mod forward;
 pub mod keyframe;
 pub mod overload;

@@ -1,15 +1,19 @@
 //! How a shard builds its str0m `Rtc`s: ICE-lite, RTP mode, one DTLS certificate per
-//! shard, server-chosen ICE credentials (their ufrag is the routing key for the first
+//! shard (and one DTLS config per process, `media::dtls`), server-chosen ICE credentials (their ufrag is the routing key for the first
 //! STUN packet), and codec lists trimmed to what we forward.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use str0m::config::DtlsCert;
+use str0m::crypto::CryptoProvider;
 use str0m::format::Codec;
 use str0m::media::Pt;
 use str0m::rtp::Extension;
 use str0m::{Candidate, IceCreds, Rtc, RtcConfig};
+
+use super::dtls;
 
 /// H264 constrained baseline, packetization mode 1: what every browser decodes.
 const SUBSCRIBER_H264: (u8, u8, u32) = (108, 109, 0x42e01f);
@@ -22,6 +26,7 @@ const SUBSCRIBER_EXTENSIONS: [(u8, Extension); 4] = [
 ];
 
 pub struct RtcFactory {
+    crypto: Arc<CryptoProvider>,
     cert: DtlsCert,
     candidates: Vec<Candidate>,
 }
@@ -36,7 +41,8 @@ pub enum Role {
 impl RtcFactory {
     /// `addrs`: the candidate addresses (public IPs with this shard's UDP port).
     pub fn new(addrs: &[SocketAddr]) -> Result<Self, String> {
-        let cert = str0m::crypto::from_feature_flags()
+        let crypto = Arc::new(dtls::crypto_provider());
+        let cert = crypto
             .dtls_provider
             .generate_certificate()
             .ok_or("could not generate a DTLS certificate")?;
@@ -44,7 +50,11 @@ impl RtcFactory {
             .iter()
             .map(|addr| Candidate::host(*addr, "udp").map_err(|e| e.to_string()))
             .collect::<Result<_, _>>()?;
-        Ok(Self { cert, candidates })
+        Ok(Self {
+            crypto,
+            cert,
+            candidates,
+        })
     }
 
     /// Builds an `Rtc` and returns it with its local ICE ufrag.
@@ -55,6 +65,7 @@ impl RtcFactory {
             .set_rtp_mode(true)
             .set_ice_lite(true)
             .set_local_ice_credentials(creds)
+            .set_crypto_provider(self.crypto.clone())
             .set_dtls_cert(self.cert.clone())
             .set_stats_interval(None)
             .clear_codecs()
