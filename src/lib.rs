@@ -11,7 +11,7 @@
 //!                          shard k (pinned executor, one per core)
 //!                          shard/      runtime: UDP, mailbox and timer tasks
 //!                          sfu/        rooms, negotiation, the packet path (sans IO)
-//!                          media/      router, rewrite, str0m config, batched UDP
+//!                          media/      router, rewrite, keyframes, str0m + DTLS config, UDP
 //!  browser ◀──UDP (SRTP)──▶ shard k's socket: udp_port_base + k
 //! ```
 //!
