@@ -1,13 +1,16 @@
 //! Deterministic runs of one shard's SFU over the in-memory network (`sim`), for what
 //! needs time to pass or packets to vanish: ICE consent expiry removes a participant
 //! that went silent, NACKs recover lost packets from the resend buffer, a subscriber
-//! right after another gets its own keyframe without a long throttle, voice
+//! right after another gets its own keyframe without a long throttle (and only once
+//! its connection is up), voice
 //! activity follows the audio level, a forwarded packet leaves in the batch that
 //! brought it, a late connection starts with live media, and a shard whose socket
 //! drops datagrams stops asking publishers for resends.
 
 #[path = "sim/mod.rs"]
 mod sim;
+
+use std::time::{Duration, Instant};
 
 use corelay_loadtest::{Leg, MediaKind, PeerConfig};
 use sim::{Network, is_rtp, leg_addr};
@@ -26,7 +29,7 @@ fn peer_id(net: &Network, i: usize) -> String {
 
 /// Lets the held datagrams through and runs until peer `i`'s subscriber connection is
 /// up; returns when that was.
-fn release_until_connected(net: &mut Network, i: usize) -> std::time::Instant {
+fn release_until_connected(net: &mut Network, i: usize) -> Instant {
     net.release_held();
     net.run_until("the subscriber connects", |net| {
         net.peers[i].stats().subscriber_connected
@@ -93,7 +96,7 @@ fn nacks_recover_lost_video_from_the_resend_buffer() {
     net.run_until("300 more video packets", |net| net.receives_video(1, 310));
     // Stop losing, give the last resends time to land, then nothing may be missing.
     net.lose_rtp_to = None;
-    let end = net.now + std::time::Duration::from_millis(500);
+    let end = net.now + Duration::from_millis(500);
     net.run_until("half a second more", |net| net.now >= end);
     let stats = net.peers[1].stats();
     let video = stats
@@ -114,7 +117,6 @@ fn nacks_recover_lost_video_from_the_resend_buffer() {
 /// throttle since that first request.
 #[test]
 fn a_subscriber_right_after_another_gets_its_own_keyframe_quickly() {
-    use std::time::Duration;
     let mut publisher = peer("pub", true);
     // No periodic keyframes: every keyframe is one the server asked for.
     publisher.media.keyframe_interval = Duration::from_secs(600);
@@ -163,7 +165,6 @@ fn a_subscriber_right_after_another_gets_its_own_keyframe_quickly() {
 /// and the request that counts (when it connects) then waited out the gap after it.
 #[test]
 fn a_keyframe_is_asked_for_when_the_subscriber_can_receive_it() {
-    use std::time::Duration;
     let mut publisher = peer("pub", true);
     publisher.media.keyframe_interval = Duration::from_secs(600);
     let mut net = Network::new(vec![publisher, peer("sub", false)]);
@@ -271,7 +272,7 @@ fn a_late_connection_starts_with_live_media() {
     // The subscriber connection's ICE and DTLS are held up for two seconds, while its
     // signaling (and so its subscriptions) goes through.
     net.hold_all_from = Some(leg_addr(1, Leg::Subscriber));
-    let late = net.now + std::time::Duration::from_secs(2);
+    let late = net.now + Duration::from_secs(2);
     net.run_until("two seconds of publishing", |net| net.now >= late);
     assert!(!net.peers[1].stats().subscriber_connected);
     assert!(
@@ -322,12 +323,12 @@ fn an_overloaded_shard_stops_asking_publishers_for_resends() {
     });
 
     net.socket_dropping = true;
-    let dropping = net.now + std::time::Duration::from_millis(100);
+    let dropping = net.now + Duration::from_millis(100);
     net.run_until("the socket drops for 100 ms", |net| net.now >= dropping);
     assert_eq!(net.sfu.counters.overloaded, 1, "the shard is overloaded");
     assert_eq!(net.sfu.counters.overloads, 1);
     let (resent, received) = (resends(&net), net.video_received(1));
-    let end = net.now + std::time::Duration::from_secs(1);
+    let end = net.now + Duration::from_secs(1);
     net.run_until("a second more of drops and loss", |net| net.now >= end);
     assert_eq!(resends(&net), resent, "no NACKs reached the publisher");
     assert!(net.video_received(1) > received + 20, "media still flows");

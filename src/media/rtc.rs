@@ -1,6 +1,7 @@
 //! How a shard builds its str0m `Rtc`s: ICE-lite, RTP mode, one DTLS certificate per
-//! shard (and one DTLS config per process, `media::dtls`), server-chosen ICE credentials (their ufrag is the routing key for the first
-//! STUN packet), and codec lists trimmed to what we forward.
+//! shard (and one DTLS config per process, `media::dtls`), server-chosen ICE
+//! credentials (their ufrag is the routing key for the first STUN packet), and codec
+//! lists trimmed to what we forward.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
