@@ -224,16 +224,16 @@ impl Sfu {
         let Some(track) = p.tracks.get_mut(&mid) else {
             return;
         };
-        if track.kind != MediaKind::Video {
+        // The policy first: a subscriber waiting for a keyframe asks on every packet.
+        if track.kind != MediaKind::Video || !track.keyframe_requests.request(now, need) {
             return;
         }
         let mut api = p.publisher.rtc.direct_api();
         let Some(rx) = api.stream_rx_by_mid(mid, None) else {
-            return; // nothing received yet; the first keyframe comes by itself
-        };
-        if !track.keyframe_requests.request(now, need) {
+            // Nothing received yet: the first keyframe comes by itself, and answers
+            // the request counted above.
             return;
-        }
+        };
         rx.request_keyframe(KeyframeRequestKind::Pli);
         self.counters.keyframe_requests += 1;
         self.touch((publisher, Side::Publisher));
