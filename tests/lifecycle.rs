@@ -27,14 +27,25 @@ fn peer_id(net: &Network, i: usize) -> String {
     net.peers[i].peer_id().expect("joined").to_owned()
 }
 
-/// Lets the held datagrams through and runs until peer `i`'s subscriber connection is
-/// up; returns when that was.
-fn release_until_connected(net: &mut Network, i: usize) -> Instant {
+/// A publisher that sends a keyframe only when asked (and at its start).
+fn publisher_on_request() -> PeerConfig {
+    let mut config = peer("pub", true);
+    config.media.keyframe_interval = Duration::from_secs(600);
+    config
+}
+
+/// Lets peer `i`'s held subscriber connection through; returns when it came up and
+/// how long its first video (a keyframe: the server starts video at one) took after.
+fn connect_and_time_first_video(net: &mut Network, i: usize) -> (Instant, Duration) {
     net.release_held();
     net.run_until("the subscriber connects", |net| {
         net.peers[i].stats().subscriber_connected
     });
-    net.now
+    let connected = net.now;
+    net.run_until("the subscriber's first video", |net| {
+        net.receives_video(i, 1)
+    });
+    (connected, net.now - connected)
 }
 
 fn offered_publishers(net: &Network, i: usize) -> Vec<String> {
@@ -117,10 +128,12 @@ fn nacks_recover_lost_video_from_the_resend_buffer() {
 /// throttle since that first request.
 #[test]
 fn a_subscriber_right_after_another_gets_its_own_keyframe_quickly() {
-    let mut publisher = peer("pub", true);
-    // No periodic keyframes: every keyframe is one the server asked for.
-    publisher.media.keyframe_interval = Duration::from_secs(600);
-    let mut net = Network::new(vec![publisher, peer("first", false), peer("second", false)]);
+    // Every keyframe but the first is one the server asked for.
+    let mut net = Network::new(vec![
+        publisher_on_request(),
+        peer("first", false),
+        peer("second", false),
+    ]);
     let second = leg_addr(2, Leg::Subscriber);
     net.hold_all_from = Some(second);
     let requests = |net: &Network| net.peers[0].stats().keyframe_requests;
@@ -144,17 +157,14 @@ fn a_subscriber_right_after_another_gets_its_own_keyframe_quickly() {
     // The second subscriber's connection gets through 150 ms after that request.
     let release = first_request + Duration::from_millis(150);
     net.run_until("150 ms on", |net| net.now >= release);
-    let connected = release_until_connected(&mut net, 2);
+    let (connected, waited) = connect_and_time_first_video(&mut net, 2);
     assert!(connected - first_request < Duration::from_millis(300));
-    net.run_until("the second subscriber's keyframe", |net| {
-        keyframes(net, 2) > 0
-    });
+    assert_eq!(keyframes(&net, 2), 1);
     assert_eq!(
         requests(&net),
         asked + 1,
         "one more request, for the second"
     );
-    let waited = net.now - connected;
     assert!(
         waited < Duration::from_millis(50),
         "the second subscriber waited {waited:?} for its first keyframe"
@@ -162,12 +172,10 @@ fn a_subscriber_right_after_another_gets_its_own_keyframe_quickly() {
 }
 
 /// A keyframe asked for while the subscriber's connection is not up reaches nobody,
-/// and the request that counts (when it connects) then waited out the gap after it.
+/// and the request that counts (when it connects) then waited out the throttle.
 #[test]
 fn a_keyframe_is_asked_for_when_the_subscriber_can_receive_it() {
-    let mut publisher = peer("pub", true);
-    publisher.media.keyframe_interval = Duration::from_secs(600);
-    let mut net = Network::new(vec![publisher, peer("sub", false)]);
+    let mut net = Network::new(vec![publisher_on_request(), peer("sub", false)]);
     net.hold_all_from = Some(leg_addr(1, Leg::Subscriber));
     net.run_until("the subscriber has the publisher's tracks", |net| {
         !offered_publishers(net, 1).is_empty()
@@ -180,11 +188,7 @@ fn a_keyframe_is_asked_for_when_the_subscriber_can_receive_it() {
         "a keyframe was asked for before the subscriber could receive it"
     );
 
-    let connected = release_until_connected(&mut net, 1);
-    net.run_until("the subscriber's first video", |net| {
-        net.receives_video(1, 1)
-    });
-    let waited = net.now - connected;
+    let (_, waited) = connect_and_time_first_video(&mut net, 1);
     assert!(
         waited < Duration::from_millis(50),
         "the first video came {waited:?} after connecting"

@@ -82,25 +82,19 @@ mod tests {
     }
 
     #[test]
-    fn after_a_keyframe_a_start_is_asked_for_at_once() {
+    fn after_a_keyframe_a_start_goes_at_once_and_a_repair_keeps_the_gap() {
         let t = Instant::now();
         let mut k = KeyframeRequests::default();
         assert!(k.request(t, Need::Start));
         k.keyframe();
+        assert!(!k.request(t + MS, Need::Repair), "within the gap");
         assert!(k.request(t + MS, Need::Start));
         assert!(
             !k.request(t + 2 * MS, Need::Start),
             "the new request is outstanding"
         );
-    }
-
-    #[test]
-    fn a_repair_keeps_the_gap_even_after_a_keyframe() {
-        let t = Instant::now();
-        let mut k = KeyframeRequests::default();
-        assert!(k.request(t, Need::Repair));
         k.keyframe();
-        assert!(!k.request(t + 99 * MS, Need::Repair));
-        assert!(k.request(t + MIN_GAP, Need::Repair));
+        assert!(!k.request(t + 100 * MS, Need::Repair));
+        assert!(k.request(t + MS + MIN_GAP, Need::Repair));
     }
 }
