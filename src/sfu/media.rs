@@ -159,7 +159,7 @@ impl Sfu {
                 continue;
             };
             let mut api = s.subscriber.rtc.direct_api();
-            let Some(tx) = api.stream_tx_by_mid(sub.mid, None) else {
+            let Some(tx) = api.stream_tx(&sub.ssrc) else {
                 continue;
             };
             tx.write_rtp(

@@ -106,6 +106,9 @@ pub struct Payload {
 /// What one participant receives of one published track.
 pub struct Subscription {
     pub mid: Mid,
+    /// The subscriber stream's SSRC: str0m finds a stream by SSRC in a hash map, but
+    /// by mid only by scanning all of the connection's streams, once per packet.
+    pub ssrc: Ssrc,
     pub rewriter: Rewriter,
 }
 

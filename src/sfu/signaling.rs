@@ -540,18 +540,22 @@ impl Sfu {
             })
             .collect();
         let video = track.kind == MediaKind::Video;
-        if let Some(tx) = s.subscriber.rtc.direct_api().stream_tx_by_mid(mid, None) {
-            if video {
-                tx.set_rtx_cache(RESEND_PACKETS, RESEND_WINDOW, Some(RESEND_SHARE_CAP));
-            } else {
-                // Audio is never resent: no buffer, and no byte history for the cap.
-                tx.set_rtx_cache(0, Duration::ZERO, None);
-            }
+        let mut api = s.subscriber.rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            return; // str0m made no stream for the answered mid: nothing to write to
+        };
+        if video {
+            tx.set_rtx_cache(RESEND_PACKETS, RESEND_WINDOW, Some(RESEND_SHARE_CAP));
+        } else {
+            // Audio is never resent: no buffer, and no byte history for the cap.
+            tx.set_rtx_cache(0, Duration::ZERO, None);
         }
+        let ssrc = tx.ssrc();
         s.subscriptions.insert(
             track_key,
             Subscription {
                 mid,
+                ssrc,
                 rewriter: Rewriter::new(pt_pairs, video),
             },
         );
