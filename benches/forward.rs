@@ -23,6 +23,12 @@
 //! 3. untimed: deliver the outbox to the subscribers, so their receivers, RTCP and
 //!    ICE consent stay those of a healthy session. The datagrams are freed here too.
 //!
+//! A second set of cases makes every subscriber a (slow) video publisher too, so each
+//! subscriber connection carries K streams instead of one, as in a meeting. The timed
+//! path is the same (only peer 0's packets are held and fed), so the ratio of the two
+//! at one K is what a larger room adds to each forwarded packet: a lookup or a tick
+//! that scans a connection's streams shows up here.
+//!
 //! Each criterion iteration is one published packet, with `Throughput::Elements(K)`,
 //! so criterion's `time` is per published packet and its `thrpt` is forwarded
 //! packets per second; the line printed after each K divides by K for you. Every run
@@ -44,11 +50,19 @@ use std::time::{Duration, Instant};
 
 use corelay::media::udp::BATCH;
 use corelay_loadtest::{MediaConfig, MediaKind, PeerConfig};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
 use str0m::net::Transmit;
 
 /// Subscriber counts benchmarked.
 const FANOUTS: [usize; 3] = [1, 4, 16];
+/// Subscriber counts benchmarked with every subscriber publishing too.
+const MEETINGS: [usize; 2] = [4, 16];
+/// The other publishers' video rate in the meeting cases: enough to keep their
+/// streams live, little enough that the untimed steps stay short.
+const SLOW_VIDEO_KBPS: u32 = 100;
 /// Publisher datagrams held back and fed per timed run.
 const CHUNK: usize = 128;
 /// The publisher is peer 0; subscribers are 1..=K. A peer's conn id is its index.
@@ -112,11 +126,21 @@ struct Bench {
 }
 
 impl Bench {
-    /// A room with one video publisher and `subscribers` receiving it.
-    fn new(subscribers: usize) -> Self {
-        let mut net = Network::new((0..=subscribers).map(peer_config).collect());
-        net.run_until("every subscriber receives video", |net| {
-            (PUBLISHER + 1..net.peers.len()).all(|i| net.receives_video(i, 1))
+    /// A room with one video publisher and `subscribers` receiving it; in a
+    /// `meeting`, the subscribers publish video too and receive each other's.
+    fn new(subscribers: usize, meeting: bool) -> Self {
+        let configs = (0..=subscribers).map(|i| peer_config(i, meeting)).collect();
+        let mut net = Network::new(configs);
+        let streams = if meeting { subscribers } else { 1 };
+        net.run_until("every subscriber receives all its video", |net| {
+            (0..net.peers.len()).all(|i| {
+                let stats = net.peers[i].stats();
+                let live = stats
+                    .tracks
+                    .iter()
+                    .filter(|t| t.kind == MediaKind::Video && t.received > 0);
+                i == PUBLISHER || (stats.subscriber_connected && live.count() == streams)
+            })
         });
         net.hold_rtp_of = Some(PUBLISHER);
         Self {
@@ -145,13 +169,17 @@ impl Bench {
             if i == PUBLISHER {
                 continue;
             }
-            let video = stats.tracks.iter().find(|t| t.kind == MediaKind::Video);
-            let video = video.unwrap_or_else(|| panic!("subscriber {i} got no video"));
-            assert_eq!(
-                (video.lost, video.duplicates, video.reordered),
-                (0, 0, 0),
-                "subscriber {i}: {video:?}"
-            );
+            let mut videos = stats.tracks.iter().filter(|t| t.kind == MediaKind::Video);
+            let mut any = false;
+            for video in videos.by_ref() {
+                any = true;
+                assert_eq!(
+                    (video.lost, video.duplicates, video.reordered),
+                    (0, 0, 0),
+                    "subscriber {i}: {video:?}"
+                );
+            }
+            assert!(any, "subscriber {i} got no video");
         }
     }
 
@@ -202,14 +230,14 @@ impl Bench {
     }
 }
 
-fn peer_config(index: usize) -> PeerConfig {
+fn peer_config(index: usize, meeting: bool) -> PeerConfig {
     let publisher = index == PUBLISHER;
     PeerConfig {
         publish_audio: false,
-        publish_video: publisher,
+        publish_video: publisher || meeting,
         // A high rate gives many packets per frame, so a chunk spans little virtual time.
         media: MediaConfig {
-            video_kbps: 4_000,
+            video_kbps: if publisher { 4_000 } else { SLOW_VIDEO_KBPS },
             ..MediaConfig::default()
         },
         message_log_capacity: 0,
@@ -271,9 +299,9 @@ MID header extension, plus 3 for each transport-wide CC feedback report sent bac
 publisher (every few dozen packets); per forwarded copy, the `Vec` \
 `SrtpContext::protect_rtp` returns, which becomes the `Transmit`";
 
-fn report(k: usize, s: &Sample) {
+fn report(name: &str, s: &Sample) {
     println!(
-        "forward/K={k}: {:.2} allocations per forwarded packet ({ALLOCATION_SOURCES}); \
+        "forward/{name}: {:.2} allocations per forwarded packet ({ALLOCATION_SOURCES}); \
          {:.0} ns per forwarded packet; {} published, {} forwarded",
         s.per_forwarded(s.allocations as f64),
         s.per_forwarded(s.elapsed.as_nanos() as f64),
@@ -304,31 +332,54 @@ fn report_allocation_split(samples: &[(usize, Sample)]) {
     );
 }
 
+/// Runs one case if the command line's filter keeps it; returns its timed total.
+fn case(group: &mut BenchmarkGroup<'_, WallTime>, k: usize, meeting: bool) -> Option<Sample> {
+    let name = if meeting {
+        format!("K={k},meeting")
+    } else {
+        format!("K={k}")
+    };
+    // Built on first use, so a benchmark filtered out on the command line costs nothing.
+    let mut net = None;
+    let mut total = Sample::default();
+    group.throughput(Throughput::Elements(k as u64));
+    group.bench_function(BenchmarkId::from_parameter(&name), |b| {
+        let net = net.get_or_insert_with(|| Bench::new(k, meeting));
+        b.iter_custom(|iters| run(net, iters, &mut total));
+    });
+    let net = net?;
+    net.assert_healthy();
+    report(&name, &total);
+    Some(total)
+}
+
 fn forward(c: &mut Criterion) {
     let mut group = c.benchmark_group("forward");
     group
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    let mut samples = Vec::new();
-    for k in FANOUTS {
-        // Built on first use, so a benchmark filtered out on the command line costs nothing.
-        let mut net = None;
-        let mut total = Sample::default();
-        group.throughput(Throughput::Elements(k as u64));
-        group.bench_function(BenchmarkId::from_parameter(format!("K={k}")), |b| {
-            let net = net.get_or_insert_with(|| Bench::new(k));
-            b.iter_custom(|iters| run(net, iters, &mut total));
-        });
-        if let Some(net) = net {
-            net.assert_healthy();
-            report(k, &total);
-            samples.push((k, total));
-        }
-    }
+    let fanouts: Vec<(usize, Sample)> = FANOUTS
+        .into_iter()
+        .filter_map(|k| Some((k, case(&mut group, k, false)?)))
+        .collect();
+    let meetings: Vec<(usize, Sample)> = MEETINGS
+        .into_iter()
+        .filter_map(|k| Some((k, case(&mut group, k, true)?)))
+        .collect();
     group.finish();
-    if samples.len() > 1 {
-        report_allocation_split(&samples);
+    if fanouts.len() > 1 {
+        report_allocation_split(&fanouts);
+    }
+    for (k, meeting) in &meetings {
+        if let Some((_, single)) = fanouts.iter().find(|(fk, _)| fk == k) {
+            println!(
+                "forward/K={k}: {:.2}x the time per forwarded packet with {k} streams per \
+                 subscriber connection as with one",
+                meeting.per_forwarded(meeting.elapsed.as_nanos() as f64)
+                    / single.per_forwarded(single.elapsed.as_nanos() as f64)
+            );
+        }
     }
 }
 
