@@ -41,7 +41,7 @@ need() {
     echo "compare-janus: needs ${missing[*]}; run as root or install them" >&2
     exit 1
   fi
-  apt-get update && apt-get install -y "${missing[@]}"
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 }
 
 if [[ -z ${CORELAY_COMPARE_NETNS:-} ]]; then
