@@ -3,8 +3,9 @@
 #
 #   loadtest/compare-janus.sh [harness scenario flags]
 #       default flags: --preset meeting --rooms 4 --duration 20
-#   loadtest/compare-janus.sh --janus-only
-#       starts the private Janus and waits (for janus.rs's live test)
+#   loadtest/compare-janus.sh --janus-only [COMMAND...]
+#       starts the private Janus and runs COMMAND in its namespace with JANUS_URL
+#       set, exiting with its status; without one, waits (for janus.rs's live test)
 #
 # Each server runs alone, pinned to core 0; the harness (corelay-loadtest) runs on
 # core 1 with the same scenario against each in turn and reads the server's CPU from
@@ -125,7 +126,12 @@ start_corelay() {
 }
 
 if [[ $1 == --janus-only ]]; then
+  shift
   start_janus
+  if (($# > 0)); then
+    JANUS_URL=ws://$host_ip:$port "$@"
+    exit
+  fi
   echo "Janus (pid $server_pid) on ws://$host_ip:$port in network namespace $CORELAY_COMPARE_NETNS; Ctrl-C stops it. Its live test:"
   echo "  JANUS_URL=ws://$host_ip:$port ip netns exec $CORELAY_COMPARE_NETNS cargo test --offline -p corelay-loadtest --release --lib janus -- --ignored"
   wait "$server_pid"

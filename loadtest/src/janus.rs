@@ -1067,9 +1067,9 @@ mod tests {
     }
 
     /// Three participants against a running Janus with the VideoRoom plugin, e.g.
-    /// the one `loadtest/compare-janus.sh --janus-only` starts and whose `JANUS_URL`
-    /// it prints: all publish, each receives the other two, all leave cleanly. The
-    /// UDP sockets bind to the URL's host, the address Janus does ICE on.
+    /// the one `loadtest/compare-janus.sh --janus-only` starts (`tests/run` runs this
+    /// test that way): all publish, each receives the other two, all leave cleanly.
+    /// The UDP sockets bind to the URL's host, the address Janus does ICE on.
     #[test]
     #[ignore = "needs a running Janus: JANUS_URL=ws://<host address>:<port>"]
     fn live_janus_three_participants() {
@@ -1082,7 +1082,23 @@ mod tests {
             .iter()
             .map(|user| Live::connect(&url, &room, user, &ip, base))
             .collect();
-        run(&mut peers, Duration::from_secs(10), |_| false);
+        // Enough media from both others, on both kinds, for the checks below.
+        let media_from_both = |peers: &[Live]| {
+            peers.iter().all(|live| {
+                let stats = live.peer.stats();
+                stats.peers.len() == 2
+                    && stats.peers.keys().all(|other| {
+                        [MediaKind::Audio, MediaKind::Video]
+                            .into_iter()
+                            .all(|kind| {
+                                stats
+                                    .track(other, kind)
+                                    .is_some_and(|t| t.packets > 50 && t.latency_us.is_some())
+                            })
+                    })
+            })
+        };
+        run(&mut peers, Duration::from_secs(20), media_from_both);
 
         for live in &peers {
             let stats = live.peer.stats();
