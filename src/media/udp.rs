@@ -196,14 +196,16 @@ pub fn tune_socket(fd: RawFd) {
 
 /// Datagrams the kernel dropped because the socket's receive buffer was full.
 pub fn receive_drops(fd: RawFd) -> Option<u64> {
-    let mut info = [0_u32; SK_MEMINFO_VARS];
+    // The kernel fills as much of its `SK_MEMINFO_*` array as fits: up to the drops.
+    const WANTED: usize = libc::SK_MEMINFO_DROPS as usize + 1;
+    let mut info = [0_u32; WANTED];
     let mut len = size_of_val(&info) as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `info` and updates `len`.
     let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            SO_MEMINFO,
+            libc::SO_MEMINFO,
             info.as_mut_ptr().cast(),
             &raw mut len,
         )
@@ -211,13 +213,11 @@ pub fn receive_drops(fd: RawFd) -> Option<u64> {
     if rc != 0 {
         return None;
     }
-    let drops = info.get(usize::try_from(libc::SK_MEMINFO_DROPS).ok()?)?;
-    Some(u64::from(*drops))
+    if usize::try_from(len).ok()? < size_of_val(&info) {
+        return None; // a kernel too old to count drops
+    }
+    Some(u64::from(info[WANTED - 1]))
 }
-
-/// `SO_MEMINFO` (Linux 3.17) and its array length, which the libc crate lacks.
-const SO_MEMINFO: libc::c_int = 55;
-const SK_MEMINFO_VARS: usize = 9;
 
 fn to_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
     match addr {
