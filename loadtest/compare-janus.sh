@@ -133,7 +133,7 @@ if [[ $1 == --janus-only ]]; then
     exit
   fi
   echo "Janus (pid $server_pid) on ws://$host_ip:$port in network namespace $CORELAY_COMPARE_NETNS; Ctrl-C stops it. Its live test:"
-  echo "  JANUS_URL=ws://$host_ip:$port ip netns exec $CORELAY_COMPARE_NETNS cargo test --offline -p corelay-loadtest --release --lib janus -- --ignored"
+  echo "  JANUS_URL=ws://$host_ip:$port ip netns exec $CORELAY_COMPARE_NETNS cargo test --offline --release --workspace --lib janus -- --ignored"
   wait "$server_pid"
   exit
 fi

@@ -2,10 +2,9 @@
 //! needs time to pass or packets to vanish: ICE consent expiry removes a participant
 //! that went silent, NACKs recover lost packets from the resend buffer, a subscriber
 //! right after another gets its own keyframe without a long throttle (and only once
-//! its connection is up), voice
-//! activity follows the audio level, a forwarded packet leaves in the batch that
-//! brought it, a late connection starts with live media, and a shard whose socket
-//! drops datagrams stops asking publishers for resends.
+//! its connection is up), voice activity follows the audio level, a forwarded packet
+//! leaves in the batch that brought it, a late connection starts with live media, and
+//! a shard whose socket drops datagrams stops asking publishers for resends.
 
 #[path = "sim/mod.rs"]
 mod sim;
