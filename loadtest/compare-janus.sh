@@ -15,8 +15,9 @@
 # loopback candidates and ICE with a loopback client fails, so everything runs in a
 # network namespace this script makes (and removes), on a veth interface of its own:
 # no packet of the comparison can leave the machine. Prints one table of both
-# servers' figures and their ratio; the harness's tables and JSON and the servers'
-# logs stay in target/compare-janus/.
+# servers' figures and their ratio, each server's CPU per packet also over the floor
+# (AES-GCM + sendmmsg) measured on core 0 in its run; the harness's tables and JSON
+# and the servers' logs stay in target/compare-janus/.
 #
 # Environment: JANUS_PORT (8188), COMPARE_OUT (target/compare-janus).
 set -euo pipefail
@@ -153,13 +154,19 @@ for server in corelay janus; do
 done
 
 # CPU per forwarded packet is computed the same way for both: server CPU over the
-# packets the harness received (Janus has no forwarded-packet counter).
+# packets the harness received (Janus has no forwarded-packet counter). Each run
+# measures its floor on core 0 once the server is idle; the ratio to it holds across
+# hosts.
 jq -n -r --slurpfile c "$out/corelay.json" --slurpfile j "$out/janus.json" '
+  def per_packet: if .server.cpu_pct != null and .rates.rx_pps > 0
+                  then .server.cpu_pct * 10000 / .rates.rx_pps else null end;
   def rows: [
     ["server CPU, % of one core", .server.cpu_pct],
-    ["server CPU per forwarded packet, us",
-      (if .server.cpu_pct != null and .rates.rx_pps > 0
-       then .server.cpu_pct * 10000 / .rates.rx_pps else null end)],
+    ["server CPU per forwarded packet, us", per_packet],
+    ["floor per packet (AES-GCM + sendmmsg), us", .server.floor.us_per_packet],
+    ["server CPU per packet / floor",
+      (if per_packet != null and .server.floor != null
+       then per_packet / .server.floor.us_per_packet else null end)],
     ["forwarded packets/s (harness received)", .rates.rx_pps],
     ["loss end to end, %", .loss.measured.loss_pct],
     ["loss server to subscriber, %", .loss.counted.loss_pct],

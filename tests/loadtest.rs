@@ -1,6 +1,7 @@
 //! The load harness end to end, in process, against a fresh corelay: a short run of a
 //! few rooms must join everyone, deliver media to every participant without loss on
-//! loopback, leave the server empty, and write valid JSON and HTML reports.
+//! loopback, leave the server empty, measure the floor on the server's core, and write
+//! valid JSON and HTML reports.
 
 mod common;
 
@@ -20,6 +21,8 @@ fn short_run_delivers_media_without_loss_and_writes_reports() {
         room_prefix: "harness".into(),
         // One measuring participant per room; the others count packets.
         measure_fraction: 0.3,
+        // Local: CPU and memory from /proc, and the floor on the server's core.
+        server_pid: Some(server.pid()),
         ..Scenario::preset(Preset::Meeting)
     };
     let mut progress = Vec::new();
@@ -55,6 +58,16 @@ fn short_run_delivers_media_without_loss_and_writes_reports() {
         "the server's socket kept up"
     );
     assert_eq!(report.series.len(), progress.len());
+    // The floor ran on a core a shard is pinned to, with the run's datagrams.
+    let floor = report.server.floor.expect("floor measured");
+    assert!(floor.cpu.is_some(), "{floor:?}");
+    assert_eq!(Some(floor.datagram_bytes), report.mean_datagram_bytes());
+    assert!(
+        floor.us_per_packet > 0.0 && floor.delivered_pct > 0.0,
+        "{floor:?}"
+    );
+    assert!(report.server.cpu_vs_floor.is_some());
+    assert!(report.table().contains("x the floor)"));
 
     let dir = std::env::temp_dir().join(format!("corelay-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -82,6 +95,7 @@ fn short_run_delivers_media_without_loss_and_writes_reports() {
     }
     assert_eq!(json["scenario"]["rooms"], 3);
     assert_eq!(json["peers"]["joins"], 9);
+    assert!(json["server"]["floor"]["us_per_packet"].is_number());
     let series = json["series"].as_array().expect("series");
     assert!(!series.is_empty());
     assert!(series.iter().all(|s| s["rx_pps"].is_number()));

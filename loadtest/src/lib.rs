@@ -16,9 +16,11 @@
 //! - [`client`]: the threaded driver for tests.
 //! - [`janus`]: the same participant speaking Janus's VideoRoom API (`--target janus`).
 //! - [`scenario`], [`run()`], [`report`], [`html`], [`probe`]: the load harness (the
-//!   `corelay-loadtest` binary is a thin CLI over them); `worker` is its event loop.
+//!   `corelay-loadtest` binary is a thin CLI over them); `worker` is its event loop,
+//!   and [`floor`] measures what one packet costs any SFU on the server's core.
 
 pub mod client;
+pub mod floor;
 pub mod html;
 pub mod janus;
 pub mod media;

@@ -33,6 +33,26 @@ fn clock_ticks_per_second() -> f64 {
     if ticks > 0 { ticks as f64 } else { 100.0 }
 }
 
+/// The one CPU that process `pid`'s busiest thread is pinned to, if it is pinned to
+/// one: where the server's packet path runs.
+pub fn pinned_cpu(pid: u32) -> Option<usize> {
+    let busiest = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(|entry| {
+            let tid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+            Some((parse_cpu_ticks(&stat)?, tid))
+        })
+        .max()?
+        .1;
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(busiest)).ok()?;
+    let mut cpus = (0..nix::sched::CpuSet::count()).filter(|&cpu| set.is_set(cpu).unwrap_or(false));
+    match (cpus.next(), cpus.next()) {
+        (Some(cpu), None) => Some(cpu),
+        _ => None,
+    }
+}
+
 /// Time the calling thread spent running, and runnable but waiting for a CPU.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ThreadTimes {
@@ -271,6 +291,37 @@ mod tests {
         assert!(sample.cpu_seconds.is_some() && sample.rss_bytes.is_some());
         assert_eq!(sample.forwarded_packets, None);
         assert_eq!(probe.cpu_source(), "proc");
+    }
+
+    #[test]
+    fn pinned_cpu_is_where_a_pinned_process_runs() {
+        let mut pinned = std::process::Command::new("taskset")
+            .args(["-c", "0", "sleep", "10"])
+            .spawn()
+            .unwrap();
+        let mut free = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        // taskset pins itself, then becomes sleep (the same pid).
+        let comm = format!("/proc/{}/comm", pinned.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&comm).unwrap() != "sleep\n" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "taskset never ran sleep"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(pinned_cpu(pinned.id()), Some(0));
+        if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+            assert_eq!(pinned_cpu(free.id()), None);
+        }
+        for child in [&mut pinned, &mut free] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        assert_eq!(pinned_cpu(u32::MAX), None);
     }
 
     #[test]

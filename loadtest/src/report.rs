@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::floor::Floor;
 use crate::scenario::Scenario;
 use crate::stats::Histogram;
 use crate::worker::MAX_VIOLATION_SAMPLES;
@@ -184,6 +185,11 @@ pub struct ServerFigures {
     pub cpu_pct: Option<f64>,
     /// Server CPU time per forwarded packet.
     pub cpu_us_per_forwarded_packet: Option<f64>,
+    /// What a packet costs any SFU on the server's core, measured after the run
+    /// (a local `--server-pid` only).
+    pub floor: Option<Floor>,
+    /// `cpu_us_per_forwarded_packet` over the floor: comparable across hosts and runs.
+    pub cpu_vs_floor: Option<f64>,
     /// At the end of the steady window.
     pub rss_mb: Option<f64>,
     /// Growth since before the first join, per participant.
@@ -374,7 +380,23 @@ impl Report {
             ),
             (
                 "server CPU per forwarded packet",
-                opt(sv.cpu_us_per_forwarded_packet, |v| format!("{v:.2} us")),
+                format!(
+                    "{}{}",
+                    opt(sv.cpu_us_per_forwarded_packet, |v| format!("{v:.2} us")),
+                    opt(sv.cpu_vs_floor, |v| format!("  ({v:.2}x the floor)"))
+                ),
+            ),
+            (
+                "floor: AES-GCM + sendmmsg",
+                match sv.floor {
+                    Some(f) => format!(
+                        "{:.2} us per {}-byte datagram, {}",
+                        f.us_per_packet,
+                        f.datagram_bytes,
+                        f.cpu.map_or("unpinned".into(), |c| format!("on core {c}"))
+                    ),
+                    None => "n/a".into(),
+                },
             ),
             (
                 "server RSS",
@@ -434,6 +456,21 @@ impl Report {
     pub fn to_json(&self) -> String {
         // Plain structs of numbers, strings and maps with string keys: cannot fail.
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The average datagram the subscribers received, in bytes: the size the floor
+    /// is measured with.
+    pub fn mean_datagram_bytes(&self) -> Option<usize> {
+        let r = &self.rates;
+        (r.rx_pps > 0.0).then(|| (r.rx_mbps * 1e6 / 8.0 / r.rx_pps).round() as usize)
+    }
+
+    pub fn set_floor(&mut self, floor: Floor) {
+        self.server.cpu_vs_floor = self
+            .server
+            .cpu_us_per_forwarded_packet
+            .map(|cpu| cpu / floor.us_per_packet);
+        self.server.floor = Some(floor);
     }
 
     /// Works out `harness.limited` and the warnings from the figures.

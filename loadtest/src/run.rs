@@ -1,6 +1,7 @@
 //! The load run's coordinator: plans the joins, starts the worker threads, samples
 //! everyone once a second (workers, the harness's CPU, the server's CPU, memory and
-//! counters), stops the run, and turns it all into a [`Report`].
+//! counters), stops the run, measures the floor on a local server's core, and turns
+//! it all into a [`Report`].
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::Waker;
 
+use crate::floor;
 use crate::peer::{RxTotals, TimeBase};
 use crate::probe::{self, ServerProbe, ServerSample, ThreadTimes};
 use crate::report::{
@@ -29,6 +31,8 @@ const WARMUP: Duration = Duration::from_secs(2);
 /// After the leave phase, how long to wait for the server to drop everyone.
 const SETTLE: Duration = Duration::from_secs(3);
 const SETTLE_POLL: Duration = Duration::from_millis(100);
+/// How long the floor is measured for, once everyone left.
+const FLOOR_TIME: Duration = Duration::from_secs(1);
 
 /// Runs `scenario` to the end and reports. `progress` sees each second's sample as
 /// it is taken. Fails only when the run cannot start; everything that goes wrong
@@ -108,7 +112,16 @@ pub fn run(scenario: &Scenario, mut progress: impl FnMut(&Sample)) -> Result<Rep
     }
     let steady_end = run.checkpoints.len().saturating_sub(1);
     run.stop();
-    Ok(run.report(started_unix_ms, steady_end))
+    let mut report = run.report(started_unix_ms, steady_end);
+    if let (Some(pid), Some(bytes)) = (scenario.server_pid, report.mean_datagram_bytes()) {
+        match floor::measure(local_ip, probe::pinned_cpu(pid), bytes, FLOOR_TIME) {
+            Ok(floor) => report.set_floor(floor),
+            Err(e) => report
+                .warnings
+                .push(format!("the floor was not measured: {e}")),
+        }
+    }
+    Ok(report)
 }
 
 /// The local address the kernel would use to reach `server`: where the UDP sockets
@@ -441,6 +454,8 @@ impl Coordinator {
                     .per_second(|c| c.server.cpu_seconds)
                     .map(|v| v * 100.0),
                 cpu_us_per_forwarded_packet,
+                floor: None,
+                cpu_vs_floor: None,
                 rss_mb: b.server.rss_bytes.map(|b| b as f64 / 1e6),
                 rss_per_participant_kb,
                 rss_growth_mb: match (b.server.rss_bytes, a.server.rss_bytes) {

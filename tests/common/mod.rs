@@ -54,6 +54,10 @@ impl TestServer {
         Self { child, addr }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn ws_url(&self, room: &str) -> String {
         format!("ws://{}/ws?room={room}", self.addr)
     }
