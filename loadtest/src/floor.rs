@@ -72,12 +72,12 @@ pub fn measure(
     let sender = thread::Builder::new()
         .name("loadtest-floor".into())
         .spawn(move || send_for(ip, destination, cpu, datagram_bytes, duration))?;
-    let sent = sender
+    let outcome = sender
         .join()
         .map_err(|_| io::Error::other("floor sender panicked"))?;
     stop.store(true, Ordering::Relaxed);
     let _ = drain.join();
-    let (sent, cpu_seconds, pinned) = sent?;
+    let (sent, cpu_seconds, pinned) = outcome?;
     if sent == 0 {
         return Err(io::Error::other("no datagram sent"));
     }
