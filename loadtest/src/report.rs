@@ -465,6 +465,7 @@ impl Report {
         (r.rx_pps > 0.0).then(|| (r.rx_mbps * 1e6 / 8.0 / r.rx_pps).round() as usize)
     }
 
+    /// Records the floor and the server's CPU per packet as a multiple of it.
     pub fn set_floor(&mut self, floor: Floor) {
         self.server.cpu_vs_floor = self
             .server
@@ -631,6 +632,33 @@ pub(crate) mod tests {
         assert_eq!(loss_pct(999, 1), Some(0.1));
         assert_eq!(loss_pct(0, 0), None);
         assert_eq!(Distribution::from_micros(&Histogram::default()), None);
+    }
+
+    #[test]
+    fn the_floor_turns_cpu_per_packet_into_a_ratio() {
+        let mut report = sample_report();
+        // 1.5 Mbit/s over 600 packets/s.
+        assert_eq!(report.mean_datagram_bytes(), Some(313));
+        assert!(
+            report
+                .table()
+                .contains("floor: AES-GCM + sendmmsg        n/a")
+        );
+        report.set_floor(Floor {
+            us_per_packet: 2.0,
+            datagram_bytes: 313,
+            cpu: Some(0),
+            delivered_pct: 100.0,
+        });
+        assert_eq!(report.server.cpu_vs_floor, Some(2.5));
+        let table = report.table();
+        assert!(table.contains("5.00 us  (2.50x the floor)"), "{table}");
+        assert!(
+            table.contains("2.00 us per 313-byte datagram, on core 0"),
+            "{table}"
+        );
+        report.rates.rx_pps = 0.0;
+        assert_eq!(report.mean_datagram_bytes(), None);
     }
 
     #[test]
