@@ -63,7 +63,8 @@ struct Cli {
     /// Room names are `<prefix>-<n>` (default: `load<pid>`).
     #[arg(long)]
     room_prefix: Option<String>,
-    /// Process id of a local server: its CPU and memory come from /proc.
+    /// Process id of a local server: its CPU and memory come from /proc, and after the
+    /// run the floor (AES-GCM + sendmmsg per datagram) is measured on its core.
     #[arg(long)]
     server_pid: Option<u32>,
     /// The server's Prometheus endpoint (default: http://<host:port of --url>/metrics).

@@ -76,7 +76,8 @@ pub struct Scenario {
     pub measure_fraction: f64,
     /// Room names are `<room_prefix>-<n>`.
     pub room_prefix: String,
-    /// Process id of a local server: CPU and memory from `/proc`.
+    /// Process id of a local server: CPU and memory from `/proc`, and the floor
+    /// (`floor.rs`) on its core after the run.
     pub server_pid: Option<u32>,
     /// `http://host:port/metrics` of the server; `None`: derived from `url`.
     pub metrics_url: Option<String>,
