@@ -66,7 +66,7 @@ fn short_run_delivers_media_without_loss_and_writes_reports() {
         floor.us_per_packet > 0.0 && floor.delivered_pct > 0.0,
         "{floor:?}"
     );
-    assert!(report.server.cpu_vs_floor.is_some());
+    assert!(report.server.cpu_vs_floor().is_some());
     assert!(report.table().contains("x the floor)"));
 
     let dir = std::env::temp_dir().join(format!("corelay-loadtest-{}", std::process::id()));

@@ -188,8 +188,6 @@ pub struct ServerFigures {
     /// What a packet costs any SFU on the server's core, measured after the run
     /// (a local `--server-pid` only).
     pub floor: Option<Floor>,
-    /// `cpu_us_per_forwarded_packet` over the floor: comparable across hosts and runs.
-    pub cpu_vs_floor: Option<f64>,
     /// At the end of the steady window.
     pub rss_mb: Option<f64>,
     /// Growth since before the first join, per participant.
@@ -208,6 +206,13 @@ pub struct ServerFigures {
     /// it held before the run: anything but zero is a leak (or someone else's load).
     pub participants_after_leave: Option<i64>,
     pub rooms_after_leave: Option<i64>,
+}
+
+impl ServerFigures {
+    /// CPU per forwarded packet over the floor: comparable across hosts and runs.
+    pub fn cpu_vs_floor(&self) -> Option<f64> {
+        Some(self.cpu_us_per_forwarded_packet? / self.floor?.us_per_packet)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -383,7 +388,7 @@ impl Report {
                 format!(
                     "{}{}",
                     opt(sv.cpu_us_per_forwarded_packet, |v| format!("{v:.2} us")),
-                    opt(sv.cpu_vs_floor, |v| format!("  ({v:.2}x the floor)"))
+                    opt(sv.cpu_vs_floor(), |v| format!("  ({v:.2}x the floor)"))
                 ),
             ),
             (
@@ -463,15 +468,6 @@ impl Report {
     pub fn mean_datagram_bytes(&self) -> Option<usize> {
         let r = &self.rates;
         (r.rx_pps > 0.0).then(|| (r.rx_mbps * 1e6 / 8.0 / r.rx_pps).round() as usize)
-    }
-
-    /// Records the floor and the server's CPU per packet as a multiple of it.
-    pub fn set_floor(&mut self, floor: Floor) {
-        self.server.cpu_vs_floor = self
-            .server
-            .cpu_us_per_forwarded_packet
-            .map(|cpu| cpu / floor.us_per_packet);
-        self.server.floor = Some(floor);
     }
 
     /// Works out `harness.limited` and the warnings from the figures.
@@ -644,13 +640,13 @@ pub(crate) mod tests {
                 .table()
                 .contains("floor: AES-GCM + sendmmsg        n/a")
         );
-        report.set_floor(Floor {
+        report.server.floor = Some(Floor {
             us_per_packet: 2.0,
             datagram_bytes: 313,
             cpu: Some(0),
             delivered_pct: 100.0,
         });
-        assert_eq!(report.server.cpu_vs_floor, Some(2.5));
+        assert_eq!(report.server.cpu_vs_floor(), Some(2.5));
         let table = report.table();
         assert!(table.contains("5.00 us  (2.50x the floor)"), "{table}");
         assert!(

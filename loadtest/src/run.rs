@@ -115,7 +115,7 @@ pub fn run(scenario: &Scenario, mut progress: impl FnMut(&Sample)) -> Result<Rep
     let mut report = run.report(started_unix_ms, steady_end);
     if let (Some(pid), Some(bytes)) = (scenario.server_pid, report.mean_datagram_bytes()) {
         match floor::measure(local_ip, probe::pinned_cpu(pid), bytes, FLOOR_TIME) {
-            Ok(floor) => report.set_floor(floor),
+            Ok(floor) => report.server.floor = Some(floor),
             Err(e) => report
                 .warnings
                 .push(format!("the floor was not measured: {e}")),
@@ -455,7 +455,6 @@ impl Coordinator {
                     .map(|v| v * 100.0),
                 cpu_us_per_forwarded_packet,
                 floor: None,
-                cpu_vs_floor: None,
                 rss_mb: b.server.rss_bytes.map(|b| b as f64 / 1e6),
                 rss_per_participant_kb,
                 rss_growth_mb: match (b.server.rss_bytes, a.server.rss_bytes) {
