@@ -68,8 +68,10 @@ struct Cli {
     #[arg(long)]
     server_pid: Option<u32>,
     /// The server's Prometheus endpoint (default: http://<host:port of --url>/metrics).
-    #[arg(long)]
-    metrics_url: Option<String>,
+    /// Behind a load balancer, give each instance's (repeat the flag): the figures are
+    /// summed over them.
+    #[arg(long = "metrics-url", value_name = "URL")]
+    metrics_urls: Vec<String>,
     /// Seconds a participant may take to join before it counts as failed.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     join_timeout: f64,
@@ -111,7 +113,7 @@ impl Cli {
             s.room_prefix = prefix.clone();
         }
         s.server_pid = self.server_pid;
-        s.metrics_url = self.metrics_url.clone();
+        s.metrics_urls = self.metrics_urls.clone();
         s.join_timeout = seconds("join-timeout", self.join_timeout)?;
         s.validate()?;
         Ok(s)

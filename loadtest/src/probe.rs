@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use serde::Serialize;
+
 /// Largest `/metrics` response read; corelay's is a few KiB per shard.
 const MAX_METRICS_BYTES: u64 = 4 << 20;
 const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
@@ -127,17 +129,78 @@ pub struct ServerSample {
 
 /// Reads the server's figures: CPU and memory from `/proc` for a local pid, else
 /// from the standard `process_*` metrics if the server exports them; its counters
-/// from `/metrics`, summed over shards.
+/// from `/metrics`, summed over shards and over instances (several behind a load
+/// balancer).
 #[derive(Debug, Clone)]
 pub struct ServerProbe {
     pid: Option<u32>,
-    /// `host:port` and path of `/metrics`.
-    metrics: Option<(String, String)>,
+    instances: Vec<Instance>,
+}
+
+/// One server instance's `/metrics`, and what the run saw of it.
+#[derive(Debug, Clone)]
+struct Instance {
+    authority: String,
+    path: String,
+    peak_participants: Option<f64>,
+    peak_rooms: Option<f64>,
+    /// CPU seconds and forwarded packets at the last scrape: counters only grow.
+    last_counters: [Option<f64>; 2],
+    went_backwards: bool,
+}
+
+impl Instance {
+    fn observe(&mut self, metrics: &Metrics) {
+        let metric = |name: &str| metrics.get(name).copied();
+        for (peak, name) in [
+            (&mut self.peak_participants, "rtc_active_participants"),
+            (&mut self.peak_rooms, "rtc_active_rooms"),
+        ] {
+            if let Some(now) = metric(name) {
+                *peak = Some(peak.map_or(now, |p| p.max(now)));
+            }
+        }
+        let counters = [
+            metric("process_cpu_seconds_total"),
+            metric("rtc_forwarded_packets_total"),
+        ];
+        self.went_backwards |= counters
+            .iter()
+            .zip(self.last_counters)
+            .any(|(now, before)| matches!((now, before), (Some(n), Some(b)) if *n < b));
+        self.last_counters = counters;
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}{}", self.authority, self.path)
+    }
+}
+
+/// An instance's share of the run, for the report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceFigures {
+    pub metrics_url: String,
+    pub peak_participants: Option<u64>,
+    pub peak_rooms: Option<u64>,
+    /// A counter was lower than at the scrape before: the figures mix processes.
+    pub counters_went_backwards: bool,
 }
 
 impl ServerProbe {
-    pub fn new(pid: Option<u32>, metrics: Option<(String, String)>) -> Self {
-        Self { pid, metrics }
+    /// `metrics`: `host:port` and path of each instance's `/metrics`.
+    pub fn new(pid: Option<u32>, metrics: Vec<(String, String)>) -> Self {
+        let instances = metrics
+            .into_iter()
+            .map(|(authority, path)| Instance {
+                authority,
+                path,
+                peak_participants: None,
+                peak_rooms: None,
+                last_counters: [None; 2],
+                went_backwards: false,
+            })
+            .collect();
+        Self { pid, instances }
     }
 
     /// Where CPU and memory figures come from.
@@ -149,13 +212,34 @@ impl ServerProbe {
         }
     }
 
-    pub fn sample(&self) -> ServerSample {
-        let metrics = self
-            .metrics
-            .as_ref()
-            .and_then(|(authority, path)| http_get(authority, path).ok())
-            .map(|text| parse_metrics(&text));
-        let metric = |name: &str| metrics.as_ref().and_then(|m| m.get(name).copied());
+    /// Scrapes every instance at once. The counters are summed only when all of them
+    /// answered, so that rates never jump when one instance misses a scrape.
+    pub fn sample(&mut self) -> ServerSample {
+        let scraped: Vec<Option<Metrics>> = std::thread::scope(|scope| {
+            let scrapes: Vec<_> = self
+                .instances
+                .iter()
+                .map(|i| scope.spawn(|| http_get(&i.authority, &i.path).ok()))
+                .collect();
+            scrapes
+                .into_iter()
+                .map(|s| s.join().ok().flatten().map(|text| parse_metrics(&text)))
+                .collect()
+        });
+        let mut total = (!scraped.is_empty()).then(Metrics::new);
+        for (instance, metrics) in self.instances.iter_mut().zip(scraped) {
+            let Some(metrics) = metrics else {
+                total = None;
+                continue;
+            };
+            instance.observe(&metrics);
+            if let Some(sum) = &mut total {
+                for (name, value) in metrics {
+                    *sum.entry(name).or_default() += value;
+                }
+            }
+        }
+        let metric = |name: &str| total.as_ref().and_then(|m| m.get(name).copied());
         let (cpu_seconds, rss_bytes) = match self.pid {
             Some(pid) => (cpu_seconds(&format!("/proc/{pid}/stat")), rss_bytes(pid)),
             None => (
@@ -173,6 +257,20 @@ impl ServerProbe {
             participants: metric("rtc_active_participants"),
             rooms: metric("rtc_active_rooms"),
         }
+    }
+
+    /// Each instance's peaks over the run.
+    pub fn instances(&self) -> Vec<InstanceFigures> {
+        let count = |v: Option<f64>| v.map(|v| v as u64);
+        self.instances
+            .iter()
+            .map(|i| InstanceFigures {
+                metrics_url: i.url(),
+                peak_participants: count(i.peak_participants),
+                peak_rooms: count(i.peak_rooms),
+                counters_went_backwards: i.went_backwards,
+            })
+            .collect()
     }
 }
 
@@ -286,7 +384,7 @@ mod tests {
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
         assert!(raise_fd_limit().unwrap() > 0);
         // This process standing in for a local server, without metrics.
-        let probe = ServerProbe::new(Some(std::process::id()), None);
+        let mut probe = ServerProbe::new(Some(std::process::id()), Vec::new());
         let sample = probe.sample();
         assert!(sample.cpu_seconds.is_some() && sample.rss_bytes.is_some());
         assert_eq!(sample.forwarded_packets, None);
@@ -322,6 +420,63 @@ mod tests {
             child.wait().unwrap();
         }
         assert_eq!(pinned_cpu(u32::MAX), None);
+    }
+
+    /// A loopback HTTP server answering one GET with each of `bodies`, then gone.
+    fn serve(bodies: Vec<String>) -> (String, String) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for body in bodies {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0; 512];
+                while !request.ends_with(b"\r\n\r\n") {
+                    let n = stream.read(&mut buf).unwrap();
+                    assert!(n > 0, "request ended early");
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                stream.write_all((head + &body).as_bytes()).unwrap();
+            }
+        });
+        (authority, "/metrics".into())
+    }
+
+    fn metrics(cpu: f64, forwarded: u64, participants: u64, rooms: u64) -> String {
+        format!(
+            "process_cpu_seconds_total {cpu}\n\
+             rtc_forwarded_packets_total{{shard=\"0\"}} {forwarded}\n\
+             rtc_active_participants{{shard=\"0\"}} {participants}\n\
+             rtc_active_rooms{{shard=\"0\"}} {rooms}\n"
+        )
+    }
+
+    #[test]
+    fn instances_behind_a_balancer_are_summed_and_checked() {
+        let a = serve(vec![metrics(1.0, 100, 3, 1), metrics(2.0, 300, 6, 2)]);
+        // The second scrape of b comes from another process: its counters are lower.
+        let b = serve(vec![metrics(1.0, 50, 4, 2), metrics(0.5, 10, 2, 1)]);
+        let mut probe = ServerProbe::new(None, vec![a.clone(), b]);
+        let first = probe.sample();
+        assert_eq!(first.cpu_seconds, Some(2.0));
+        assert_eq!(first.forwarded_packets, Some(150.0));
+        assert_eq!(first.participants, Some(7.0));
+        let second = probe.sample();
+        assert_eq!(second.forwarded_packets, Some(310.0));
+        assert_eq!(second.rooms, Some(3.0));
+        // Both servers are gone now: no partial sums.
+        let third = probe.sample();
+        assert_eq!((third.cpu_seconds, third.participants), (None, None));
+
+        let instances = probe.instances();
+        assert_eq!(instances.len(), 2);
+        assert_eq!(instances[0].metrics_url, format!("http://{}/metrics", a.0));
+        let peaks: Vec<_> = instances
+            .iter()
+            .map(|i| (i.peak_participants, i.peak_rooms, i.counters_went_backwards))
+            .collect();
+        assert_eq!(peaks, [(Some(6), Some(2), false), (Some(4), Some(2), true)]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::floor::Floor;
+use crate::probe::InstanceFigures;
 use crate::scenario::Scenario;
 use crate::stats::Histogram;
 use crate::worker::MAX_VIOLATION_SAMPLES;
@@ -206,6 +207,9 @@ pub struct ServerFigures {
     /// it held before the run: anything but zero is a leak (or someone else's load).
     pub participants_after_leave: Option<i64>,
     pub rooms_after_leave: Option<i64>,
+    /// Each server instance measured (several behind a load balancer; the figures
+    /// above are their sums).
+    pub instances: Vec<InstanceFigures>,
 }
 
 impl ServerFigures {
@@ -443,6 +447,26 @@ impl Report {
                 format!("{} violations, errors: {}", p.violations, keyed(&p.errors)),
             ),
         ];
+        if sv.instances.len() > 1 {
+            let peaks = |f: fn(&InstanceFigures) -> Option<u64>| {
+                sv.instances
+                    .iter()
+                    .map(|i| f(i).map_or("n/a".into(), |v| v.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            };
+            let at = rows
+                .iter()
+                .position(|(label, _)| *label == "server forwarded")
+                .unwrap_or(rows.len());
+            let value = format!(
+                "{}, figures summed; peak participants {}, rooms {}",
+                sv.instances.len(),
+                peaks(|i| i.peak_participants),
+                peaks(|i| i.peak_rooms)
+            );
+            rows.insert(at, ("server instances", value));
+        }
         rows.extend(self.warnings.iter().map(|w| ("WARNING", w.clone())));
         rows.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
@@ -533,9 +557,20 @@ impl Report {
                 "the server still holds {n} participants after everyone left (a leak, or other load)"
             ));
         }
+        for i in self
+            .server
+            .instances
+            .iter()
+            .filter(|i| i.counters_went_backwards)
+        {
+            warnings.push(format!(
+                "the counters at {} went backwards during the run, so the server figures are wrong: the server restarted, or that URL reaches several instances (behind a load balancer, pass each instance's --metrics-url)",
+                i.metrics_url
+            ));
+        }
         if self.server.cpu_pct.is_none() {
             warnings.push(
-                "no server CPU figure: pass --server-pid for a local server (or export process_cpu_seconds_total)".into(),
+                "no server CPU figure: pass --server-pid for a local server, or --metrics-url for one that exports process_cpu_seconds_total (one per instance behind a load balancer)".into(),
             );
         }
         self.harness.limited = limited;
@@ -763,5 +798,38 @@ pub(crate) mod tests {
         assert!(lagging.harness.limited);
         assert!(lagging.warnings[0].contains("FELL BEHIND"));
         assert!(lagging.warnings.iter().any(|w| w.contains("--server-pid")));
+    }
+
+    #[test]
+    fn instances_behind_a_balancer() {
+        let row = |report: &Report, label: &str| {
+            report
+                .rows()
+                .into_iter()
+                .find_map(|(l, v)| (l == label).then_some(v))
+        };
+        let mut report = sample_report();
+        let instance = |n: u64, backwards: bool| InstanceFigures {
+            metrics_url: format!("http://10.0.0.{n}:5005/metrics"),
+            peak_participants: Some(3 * n),
+            peak_rooms: Some(n),
+            counters_went_backwards: backwards,
+        };
+        report.server.instances = vec![instance(1, false)];
+        assert_eq!(row(&report, "server instances"), None, "one server");
+
+        report.server.instances.push(instance(2, true));
+        assert_eq!(
+            row(&report, "server instances").as_deref(),
+            Some("2, figures summed; peak participants 3 + 6, rooms 1 + 2")
+        );
+        report.assess();
+        assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+        assert!(
+            report.warnings[0]
+                .starts_with("the counters at http://10.0.0.2:5005/metrics went backwards")
+        );
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(json["server"]["instances"][1]["peak_rooms"], 2);
     }
 }

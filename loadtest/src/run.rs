@@ -44,9 +44,9 @@ pub fn run(scenario: &Scenario, mut progress: impl FnMut(&Sample)) -> Result<Rep
     let urls = (0..scenario.rooms)
         .map(|r| scenario.room_url(r))
         .collect::<Result<Vec<_>, _>>()?;
-    let metrics = scenario.metrics_endpoint()?;
+    let metrics = scenario.metrics_endpoints()?;
     probe::raise_fd_limit();
-    let probe = ServerProbe::new(scenario.server_pid, Some(metrics));
+    let probe = ServerProbe::new(scenario.server_pid, metrics);
     let scenario = Arc::new(scenario.clone());
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -213,7 +213,7 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    fn new(scenario: Arc<Scenario>, probe: ServerProbe) -> Self {
+    fn new(scenario: Arc<Scenario>, mut probe: ServerProbe) -> Self {
         let baseline = probe.sample();
         let start = Instant::now();
         let first = Checkpoint::new(start, baseline);
@@ -455,6 +455,7 @@ impl Coordinator {
                     .map(|v| v * 100.0),
                 cpu_us_per_forwarded_packet,
                 floor: None,
+                instances: self.probe.instances(),
                 rss_mb: b.server.rss_bytes.map(|b| b as f64 / 1e6),
                 rss_per_participant_kb,
                 rss_growth_mb: match (b.server.rss_bytes, a.server.rss_bytes) {

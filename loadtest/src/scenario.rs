@@ -79,8 +79,9 @@ pub struct Scenario {
     /// Process id of a local server: CPU and memory from `/proc`, and the floor
     /// (`floor.rs`) on its core after the run.
     pub server_pid: Option<u32>,
-    /// `http://host:port/metrics` of the server; `None`: derived from `url`.
-    pub metrics_url: Option<String>,
+    /// `http://host:port/metrics` of each server instance (several behind a load
+    /// balancer, whose figures are summed); empty: derived from `url`.
+    pub metrics_urls: Vec<String>,
     /// A participant not joined this long after it started connecting has failed.
     #[serde(serialize_with = "seconds")]
     pub join_timeout: Duration,
@@ -105,7 +106,7 @@ impl Scenario {
             measure_fraction: 0.1,
             room_prefix: format!("load{}", std::process::id()),
             server_pid: None,
-            metrics_url: None,
+            metrics_urls: Vec::new(),
             join_timeout: Duration::from_secs(10),
         };
         match preset {
@@ -158,6 +159,10 @@ impl Scenario {
         if !self.audio_only && self.video_kbps == 0 {
             return Err("--video-kbps must be positive".into());
         }
+        if self.server_pid.is_some() && self.metrics_urls.len() > 1 {
+            return Err("--server-pid measures one local server: behind a load balancer, CPU and memory come from each instance's --metrics-url".into());
+        }
+        self.metrics_endpoints()?;
         self.endpoint().map(|_| ())
     }
 
@@ -207,21 +212,26 @@ impl Scenario {
             .ok_or_else(|| format!("{} does not resolve", self.url))
     }
 
-    /// `host:port` and path of the metrics endpoint.
-    pub fn metrics_endpoint(&self) -> Result<(String, String), String> {
-        let url = match &self.metrics_url {
-            Some(url) => url.clone(),
-            None => format!("http://{}/metrics", self.endpoint()?.authority),
+    /// `host:port` and path of each instance's metrics endpoint.
+    pub fn metrics_endpoints(&self) -> Result<Vec<(String, String)>, String> {
+        let urls = if self.metrics_urls.is_empty() {
+            vec![format!("http://{}/metrics", self.endpoint()?.authority)]
+        } else {
+            self.metrics_urls.clone()
         };
-        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(format!("{url}: only http:// metrics URLs are supported"));
-        }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{url}: no host"))?
-            .to_string();
-        Ok((authority, uri.path().to_string()))
+        urls.iter()
+            .map(|url| {
+                let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+                if uri.scheme_str() != Some("http") {
+                    return Err(format!("{url}: only http:// metrics URLs are supported"));
+                }
+                let authority = uri
+                    .authority()
+                    .ok_or_else(|| format!("{url}: no host"))?
+                    .to_string();
+                Ok((authority, uri.path().to_string()))
+            })
+            .collect()
     }
 
     fn endpoint(&self) -> Result<Endpoint, String> {
@@ -309,9 +319,34 @@ mod tests {
         );
         assert_eq!(s.server_addr().unwrap(), "127.0.0.1:9000".parse().unwrap());
         assert_eq!(
-            s.metrics_endpoint().unwrap(),
-            ("127.0.0.1:9000".into(), "/metrics".into())
+            s.metrics_endpoints().unwrap(),
+            [("127.0.0.1:9000".into(), "/metrics".into())]
         );
+        // Behind a load balancer: each instance's endpoint, in order.
+        let balanced = Scenario {
+            metrics_urls: vec![
+                "http://10.0.0.1:5005/metrics".into(),
+                "http://10.0.0.2:5005/metrics".into(),
+            ],
+            ..s.clone()
+        };
+        assert_eq!(
+            balanced.metrics_endpoints().unwrap(),
+            [
+                ("10.0.0.1:5005".into(), "/metrics".into()),
+                ("10.0.0.2:5005".into(), "/metrics".into())
+            ]
+        );
+        let with_pid = Scenario {
+            server_pid: Some(1),
+            ..balanced.clone()
+        };
+        assert!(with_pid.validate().unwrap_err().contains("each instance"));
+        let https = Scenario {
+            metrics_urls: vec!["https://10.0.0.1/metrics".into()],
+            ..s.clone()
+        };
+        assert!(https.validate().unwrap_err().contains("only http://"));
         let v6 = Scenario {
             url: "ws://[::1]:9000".into(),
             ..s.clone()
