@@ -104,19 +104,8 @@ fn rooms_stay_whole_and_spread_over_instances() {
     let report = run(&scenario, |_| {}).expect("run starts");
     eprint!("{}", report.table());
 
-    let peers = &report.peers;
-    assert!(peers.join_failures.is_empty(), "{:?}", peers.join_failures);
-    assert_eq!(peers.joins, 18);
     // A room split over two instances would leave someone without media.
-    assert_eq!(peers.without_media, 0, "everyone received media");
-    assert!(report.first_video_ms.is_some_and(|d| d.count == 18));
-    let (measured, counted) = (report.loss.measured, report.loss.counted);
-    assert!(measured.received > 0 && counted.received > 0);
-    assert_eq!(
-        (measured.lost, counted.lost),
-        (0, 0),
-        "{measured:?} {counted:?}"
-    );
+    common::assert_clean_run(&report, 18);
 
     let held = &report.server.instances;
     assert_eq!(held.len(), 2, "{held:?}");

@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use corelay_loadtest::report::Report;
 use serde_json::Value;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
@@ -178,4 +179,28 @@ impl Ws {
         assert_eq!(joined["type"], "joined", "{joined}");
         (ws, joined)
     }
+}
+
+/// What a harness run on loopback must show: all `participants` joined, each received
+/// media, the protocol was kept, and nothing was lost or duplicated.
+pub fn assert_clean_run(report: &Report, participants: u64) {
+    let peers = &report.peers;
+    assert!(peers.join_failures.is_empty(), "{:?}", peers.join_failures);
+    assert_eq!(peers.joins, participants);
+    assert_eq!(peers.without_media, 0, "everyone received media");
+    assert_eq!(peers.violations, 0, "{:?}", peers.violation_samples);
+    assert!(peers.errors.is_empty(), "{:?}", peers.errors);
+    assert!(report.join_ms.is_some_and(|j| j.count == participants));
+    assert!(
+        report
+            .first_video_ms
+            .is_some_and(|d| d.count == participants)
+    );
+    // Decrypted and stamped by the measuring participants; counted from clear RTP
+    // headers by everyone else.
+    let (measured, counted) = (report.loss.measured, report.loss.counted);
+    assert!(measured.received > 0, "{measured:?}");
+    assert!(counted.received > 0, "{counted:?}");
+    assert_eq!((measured.lost, measured.duplicates), (0, 0), "{measured:?}");
+    assert_eq!(counted.lost, 0, "{counted:?}");
 }
