@@ -4,7 +4,8 @@
 //!
 //! Through the balancer, the load harness must find every room whole on one instance,
 //! rooms on both instances, media delivered without loss, and the instances' figures
-//! summed. A join for a room whose instance is down must land on the other.
+//! summed; a WebSocket without its room is refused. A join for a room whose instance
+//! is down must land on the other.
 
 mod common;
 
@@ -91,6 +92,10 @@ fn rooms_stay_whole_and_spread_over_instances() {
         http_get(&balancer.addr.to_string(), "/metrics").is_err_and(|e| e.contains("403")),
         "per-instance pages stay behind the balancer"
     );
+    match tungstenite::connect(format!("ws://{}/ws", balancer.addr)) {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 400),
+        other => panic!("a WebSocket without its room got through: {other:?}"),
+    }
     let scenario = Scenario {
         url: format!("ws://{}", balancer.addr),
         rooms: 6,
