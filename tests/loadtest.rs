@@ -1,7 +1,7 @@
 //! The load harness end to end, in process, against a fresh corelay: a short run of a
 //! few rooms must join everyone, deliver media to every participant without loss on
 //! loopback, leave the server empty, measure the floor on the server's core, and write
-//! valid JSON and HTML reports.
+//! valid JSON and HTML reports. Each other preset runs briefly too.
 
 mod common;
 
@@ -29,14 +29,15 @@ fn short_run_delivers_media_without_loss_and_writes_reports() {
     let report = run(&scenario, |sample| progress.push(sample.clone())).expect("run starts");
     eprint!("{}", report.table());
 
-    common::assert_clean_run(&report, 9);
+    common::assert_clean_run(&report);
     let peers = &report.peers;
+    assert_eq!(peers.joins, 9);
+    assert_eq!(common::first_videos(&report), 9);
     assert_eq!(peers.measured, 3, "one measuring participant per room");
     assert_eq!(peers.ends.get("left"), Some(&9), "{:?}", peers.ends);
     let latency = report.latency_ms.expect("latency measured");
     assert!(latency.count > 0 && latency.min >= 0.0);
     assert!(report.rates.server_forwarded_pps.is_some_and(|p| p > 0.0));
-    assert_eq!(report.server.participants_after_leave, Some(0));
     assert_eq!(
         report.server.udp_rx_dropped,
         Some(0),
@@ -91,4 +92,55 @@ fn short_run_delivers_media_without_loss_and_writes_reports() {
         assert!(!html.contains(external), "HTML references {external}");
     }
     std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+/// A short run of `preset` against a fresh server, with its shape trimmed by `shape`.
+fn short_run(preset: Preset, shape: impl FnOnce(Scenario) -> Scenario) -> corelay_loadtest::Report {
+    let server = TestServer::start(&[]);
+    let scenario = shape(Scenario {
+        url: format!("ws://{}", server.addr),
+        duration: Duration::from_secs(4),
+        measure_fraction: 0.5,
+        room_prefix: format!("{preset:?}"),
+        ..Scenario::preset(preset)
+    });
+    let report = run(&scenario, |_| {}).expect("run starts");
+    eprint!("{}", report.table());
+    report
+}
+
+#[test]
+fn churn_replaces_who_leaves_and_the_server_lets_go() {
+    let report = short_run(Preset::Churn, |s| Scenario {
+        rooms: 2,
+        lifetime: Some(Duration::from_secs(2)),
+        ..s
+    });
+    common::assert_clean_run(&report);
+    let peers = &report.peers;
+    assert!(
+        peers.joins > peers.planned,
+        "replacements joined: {peers:?}"
+    );
+    assert_eq!(common::first_videos(&report), peers.joins);
+    // Half leave with `leave`, half drop their socket.
+    let ends = |label: &str| peers.ends.get(label).copied().unwrap_or(0);
+    assert!(ends("left") > 0 && ends("aborted") > 0, "{:?}", peers.ends);
+}
+
+#[test]
+fn voice_rooms_carry_audio_only() {
+    let report = short_run(Preset::Voice, |s| Scenario { rooms: 2, ..s });
+    common::assert_clean_run(&report);
+    assert_eq!(report.peers.joins, 20);
+    assert_eq!(common::first_videos(&report), 0, "nobody sent video");
+}
+
+#[test]
+fn webinar_subscribers_receive_the_one_publisher() {
+    let report = short_run(Preset::Webinar, |s| s);
+    common::assert_clean_run(&report);
+    assert_eq!(report.peers.joins, 25);
+    // Everyone but the publisher, who has no one to watch.
+    assert_eq!(common::first_videos(&report), 24);
 }
