@@ -130,10 +130,16 @@ fn churn_replaces_who_leaves_and_the_server_lets_go() {
 
 #[test]
 fn voice_rooms_carry_audio_only() {
-    let report = short_run(Preset::Voice, |s| Scenario { rooms: 2, ..s });
+    // Two workers, a room each: their figures are merged.
+    let report = short_run(Preset::Voice, |s| Scenario {
+        rooms: 2,
+        threads: 2,
+        ..s
+    });
     common::assert_clean_run(&report);
     assert_eq!(report.peers.joins, 20);
     assert_eq!(common::first_videos(&report), 0, "nobody sent video");
+    assert_eq!(report.harness.threads, 2);
 }
 
 #[test]
