@@ -3,7 +3,6 @@
 //! deployment files keep working.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
@@ -105,13 +104,6 @@ pub struct IceServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
 }
-
-/// How far back a subscriber may NACK: the resend buffer keeps this much per stream.
-/// Half a second covers NACK recovery for round trips up to about 400 ms; later
-/// resends would miss the receiver's jitter buffer anyway (Janus keeps 200 ms, or
-/// more when the round trip is longer). Each subscriber keeps its own buffer per
-/// video stream, so this sets much of a participant's memory.
-pub const RESEND_WINDOW: Duration = Duration::from_millis(500);
 
 impl Config {
     pub fn shard_count(&self) -> usize {

@@ -122,6 +122,47 @@ fn nacks_recover_lost_video_from_the_resend_buffer() {
     assert!(stats.violations.is_empty(), "{:?}", stats.violations);
 }
 
+/// A subscriber 300 ms away still gets its losses resent: its video streams keep
+/// packets as long as its round trip needs. At the 200 ms floor, every packet would
+/// be gone before its NACK came back.
+#[test]
+fn a_distant_subscriber_gets_resends_from_a_window_fitted_to_its_round_trip() {
+    let mut net = Network::new(vec![peer("pub", true), peer("far", false)]);
+    net.delay = Some((1, Duration::from_millis(150)));
+    net.run_until("the subscriber receives video", |net| {
+        net.receives_video(1, 10)
+    });
+    let limit = net.now + Duration::from_secs(10);
+    let far = loop {
+        let far = net.participant(1);
+        if far.rtt_ms.is_some() {
+            break far;
+        }
+        assert!(net.now < limit, "no round trip measured: {far:?}");
+        net.tick();
+    };
+    let rtt = far.rtt_ms.unwrap_or_default();
+    assert!((295.0..320.0).contains(&rtt), "round trip {rtt} ms");
+    assert_eq!(far.resend_window_ms, 700, "2 x 300 ms + 50 ms, a step up");
+
+    // The loss is periodic, and so is the media: at some periods it lines up with
+    // resends and their retries too (1 in 13 lost two packets for good), or misses
+    // video entirely (1 in 11). 1 in 20 does neither.
+    net.lose_rtp_to = Some((1, 20));
+    net.run_until("300 more video packets", |net| net.video_received(1) >= 310);
+    net.lose_rtp_to = None;
+    let end = net.now + Duration::from_secs(2);
+    net.run_until("two seconds more", |net| net.now >= end);
+    let stats = net.peers[1].stats();
+    let video = stats
+        .tracks
+        .iter()
+        .find(|t| t.kind == MediaKind::Video)
+        .expect("video");
+    assert_eq!(video.lost, 0, "every lost packet was resent: {video:?}");
+    assert!(video.reordered > 0, "losses did happen");
+}
+
 /// A subscriber that connects just after another needs a keyframe of its own (the one
 /// requested for the first came before it). It used to wait out a fixed 300 ms
 /// throttle since that first request.

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use str0m::config::DtlsCert;
 use str0m::crypto::CryptoProvider;
@@ -25,6 +25,10 @@ const SUBSCRIBER_EXTENSIONS: [(u8, Extension); 4] = [
     (4, Extension::RtpMid),
     (13, Extension::VideoOrientation),
 ];
+
+/// How often a subscriber connection reports its round trip. Publisher connections
+/// keep str0m's default of no stats.
+const RTT_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct RtcFactory {
     crypto: Arc<CryptoProvider>,
@@ -68,7 +72,6 @@ impl RtcFactory {
             .set_local_ice_credentials(creds)
             .set_crypto_provider(self.crypto.clone())
             .set_dtls_cert(self.cert.clone())
-            .set_stats_interval(None)
             .clear_codecs()
             .enable_opus(true, false)
             .enable_vp8(true)
@@ -89,6 +92,9 @@ impl RtcFactory {
                     .fold(config.clear_extension_map(), |c, (id, ext)| {
                         c.set_extension(id, ext)
                     })
+                    // Stats carry the round trip from the client's receiver reports,
+                    // which sizes the resend window (`media::resend`).
+                    .set_stats_interval(Some(RTT_INTERVAL))
             }
         };
         let mut rtc = config.build(now);

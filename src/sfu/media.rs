@@ -12,10 +12,12 @@
 //! Keyframe requests (PLI) travel the other way, one outstanding per published track
 //! (`media::keyframe`).
 //! Audio levels feed voice activity detection on the way through. While the shard's
-//! socket drops datagrams (`media::overload`), publishers get no NACKs.
+//! socket drops datagrams (`media::overload`), publishers get no NACKs. Subscribers'
+//! NACKs are answered by str0m from a buffer per video stream, kept as long as the
+//! subscriber's round trip needs (`media::resend`).
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use str0m::media::{KeyframeRequestKind, MediaKind};
 use str0m::net::{Protocol, Receive};
@@ -247,6 +249,24 @@ impl Sfu {
         let tracks: Vec<TrackKey> = p.subscriptions.keys().copied().collect();
         for track in tracks {
             self.request_keyframe(now, track, Need::Start);
+        }
+    }
+
+    /// A receiver report gave the subscriber connection's round trip: refit the
+    /// window its video streams keep for NACKs (`media::resend`).
+    pub(super) fn subscriber_rtt(&mut self, subscriber: ConnId, rtt: Duration) {
+        let Some(p) = self.peers.get_mut(&subscriber) else {
+            return;
+        };
+        let Some(window) = p.resend.observe(rtt) else {
+            return;
+        };
+        debug!(conn = subscriber, ?rtt, ?window, "resend window refitted");
+        let mut api = p.subscriber.rtc.direct_api();
+        for sub in p.subscriptions.values().filter(|s| s.video) {
+            if let Some(tx) = api.stream_tx(&sub.ssrc) {
+                p.resend.apply(tx, true);
+            }
         }
     }
 }

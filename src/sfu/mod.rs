@@ -320,6 +320,11 @@ impl Sfu {
                     self.request_keyframe(now, track, Need::Repair);
                 }
             }
+            (Side::Subscriber, Event::MediaEgressStats(stats)) => {
+                if let Some(rtt) = stats.rtt {
+                    self.subscriber_rtt(key.0, rtt);
+                }
+            }
             _ => {}
         }
     }

@@ -14,6 +14,7 @@ use str0m::{Input, Rtc, RtcError};
 
 use crate::media::forward::Rewriter;
 use crate::media::keyframe::KeyframeRequests;
+use crate::media::resend::ResendWindow;
 use crate::media::speaking::SpeakingDetector;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::MediaState;
@@ -109,6 +110,8 @@ pub struct Subscription {
     /// The subscriber stream's SSRC: str0m finds a stream by SSRC in a hash map, but
     /// by mid only by scanning all of the connection's streams, once per packet.
     pub ssrc: Ssrc,
+    /// Video keeps a resend buffer, sized by the participant's `resend` window.
+    pub video: bool,
     pub rewriter: Rewriter,
 }
 
@@ -139,6 +142,8 @@ pub struct Participant {
     /// Subscriber-side mid → the track it carries, for keyframe requests.
     pub subscribed_mids: HashMap<Mid, TrackKey>,
     pub negotiation: Negotiation,
+    /// How long the subscriber connection's video streams keep packets for NACKs.
+    pub resend: ResendWindow,
 }
 
 impl Participant {

@@ -4,7 +4,7 @@
 //! Every refusal is one `error` to the sender with a PROTOCOL.md code; nothing here
 //! affects other participants except through the room's normal messages.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hashbrown::HashMap;
 use str0m::Candidate;
@@ -17,9 +17,9 @@ use super::room::{
     Leg, Negotiation, Participant, PendingOffer, PublishedTrack, Room, Side, Source, Subscription,
     TrackKey, kind_str,
 };
-use crate::config::RESEND_WINDOW;
 use crate::media::forward::Rewriter;
 use crate::media::keyframe::{KeyframeRequests, Need};
+use crate::media::resend::ResendWindow;
 use crate::media::rtc::{Role, pt_for};
 use crate::shard::messages::{
     ConnId, ParticipantSnapshot, RoomSnapshot, ToAccept, ToShard, TrackSnapshot,
@@ -27,12 +27,6 @@ use crate::shard::messages::{
 use crate::signaling::protocol::{
     ErrorCode, Join, MediaState, Refusal, ServerMsg, Signal, Target, error_text,
 };
-
-/// Resend buffer cap in packets; `RESEND_WINDOW` bounds it by time first.
-const RESEND_PACKETS: usize = 1024;
-/// Resends stop while they exceed this share of a stream's bytes, so a subscriber
-/// that NACKs everything cannot multiply its bandwidth (str0m's default share).
-const RESEND_SHARE_CAP: f32 = 0.15;
 
 impl Sfu {
     pub fn handle_message(&mut self, now: Instant, msg: ToShard) {
@@ -150,6 +144,7 @@ impl Sfu {
             subscriptions: HashMap::new(),
             subscribed_mids: HashMap::new(),
             negotiation: Negotiation::default(),
+            resend: ResendWindow::default(),
         };
         let room = self
             .rooms
@@ -544,18 +539,14 @@ impl Sfu {
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             return; // str0m made no stream for the answered mid: nothing to write to
         };
-        if video {
-            tx.set_rtx_cache(RESEND_PACKETS, RESEND_WINDOW, Some(RESEND_SHARE_CAP));
-        } else {
-            // Audio is never resent: no buffer, and no byte history for the cap.
-            tx.set_rtx_cache(0, Duration::ZERO, None);
-        }
+        s.resend.apply(tx, video);
         let ssrc = tx.ssrc();
         s.subscriptions.insert(
             track_key,
             Subscription {
                 mid,
                 ssrc,
+                video,
                 rewriter: Rewriter::new(pt_pairs, video),
             },
         );
@@ -632,6 +623,8 @@ impl Sfu {
                             .collect(),
                         publisher_connected: p.publisher.connected,
                         subscriber_connected: p.subscriber.connected,
+                        rtt_ms: p.resend.rtt().map(|rtt| rtt.as_secs_f64() * 1e3),
+                        resend_window_ms: p.resend.window().as_millis() as u64,
                     })
                     .collect(),
             })

@@ -67,6 +67,10 @@ pub struct ParticipantSnapshot {
     pub tracks: Vec<TrackSnapshot>,
     pub publisher_connected: bool,
     pub subscriber_connected: bool,
+    /// The subscriber connection's round trip, from the client's receiver reports.
+    pub rtt_ms: Option<f64>,
+    /// How long its video streams keep packets for NACKs (`media::resend`).
+    pub resend_window_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -15,9 +15,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use corelay::sfu::{Limits, Sfu};
-use corelay::shard::messages::{ConnId, ToAccept, ToShard};
+use corelay::shard::messages::{ConnId, ParticipantSnapshot, ToAccept, ToShard};
 use corelay::signaling::protocol::{ClientMsg, parse};
 use corelay_loadtest::{Leg, MediaKind, Peer, PeerConfig, TimeBase};
+use futures::channel::oneshot;
 use str0m::net::Transmit;
 
 pub const SFU_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 50_000);
@@ -80,6 +81,16 @@ pub struct Network {
     socket_drops: u64,
     /// Close requests the SFU made: (peer, code).
     pub closed: Vec<(usize, u16)>,
+    /// Datagrams to and from this peer take this long each way (one peer, so a queue
+    /// in sending order is also in arrival order).
+    pub delay: Option<(usize, Duration)>,
+    in_flight: VecDeque<(Instant, Flight)>,
+}
+
+/// A delayed datagram on its way.
+enum Flight {
+    ToSfu(SocketAddr, Vec<u8>),
+    ToPeer(Transmit),
 }
 
 impl Network {
@@ -119,6 +130,8 @@ impl Network {
             socket_dropping: false,
             socket_drops: 0,
             closed: Vec::new(),
+            delay: None,
+            in_flight: VecDeque::new(),
         }
     }
 
@@ -138,6 +151,23 @@ impl Network {
             .map(|t| t.received)
             .max()
             .unwrap_or(0)
+    }
+
+    /// What the SFU's `/debug/rooms` shows of `peer`.
+    pub fn participant(&mut self, peer: usize) -> ParticipantSnapshot {
+        let (reply, mut answer) = oneshot::channel();
+        self.sfu
+            .handle_message(self.now, ToShard::Snapshot { reply });
+        let peer_id = self.peers[peer].peer_id().expect("joined").to_owned();
+        answer
+            .try_recv()
+            .ok()
+            .flatten()
+            .expect("the SFU answers a snapshot at once")
+            .into_iter()
+            .flat_map(|room| room.participants)
+            .find(|p| p.peer_id == peer_id)
+            .expect("the peer is in a room")
     }
 
     /// Runs the clock until `done` holds; fails after `RUN_LIMIT` of virtual time.
@@ -160,6 +190,7 @@ impl Network {
             .iter()
             .map(Peer::poll_timeout)
             .chain(self.sfu.next_deadline())
+            .chain(self.in_flight.front().map(|(at, _)| *at))
             .min()
             .expect("at least one deadline");
         self.now = next.max(self.now + MIN_STEP);
@@ -173,7 +204,26 @@ impl Network {
             self.socket_drops += 1;
             self.sfu.socket_drops(self.now, self.socket_drops);
         }
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|(at, _)| *at <= self.now)
+        {
+            match self.in_flight.pop_front().map(|(_, flight)| flight) {
+                Some(Flight::ToSfu(source, datagram)) => self
+                    .sfu
+                    .handle_datagrams(self.now, iter::once((source, datagram.as_slice()))),
+                Some(Flight::ToPeer(t)) => self.arrive(t),
+                None => {}
+            }
+        }
         self.pump();
+    }
+
+    /// When a datagram sent now to or from `peer` arrives, if the path delays it.
+    fn delayed(&self, peer: usize) -> Option<Instant> {
+        let (delayed, by) = self.delay?;
+        (delayed == peer).then_some(self.now + by)
     }
 
     /// Delivers signaling and datagrams both ways until nobody has anything to send.
@@ -259,6 +309,9 @@ impl Network {
             || self.hold_all_from == Some(source)
         {
             self.held.push_back((source, contents));
+        } else if let Some(at) = self.delayed(peer) {
+            self.in_flight
+                .push_back((at, Flight::ToSfu(source, contents)));
         } else {
             self.sfu
                 .handle_datagrams(self.now, iter::once((source, contents.as_slice())));
@@ -292,6 +345,14 @@ impl Network {
                 return;
             }
         }
+        match self.delayed(peer) {
+            Some(at) => self.in_flight.push_back((at, Flight::ToPeer(t))),
+            None => self.arrive(t),
+        }
+    }
+
+    fn arrive(&mut self, t: Transmit) {
+        let (peer, leg) = leg_of(t.destination);
         self.peers[peer].handle_datagram(leg, t.source, &t.contents, self.now);
     }
 }
