@@ -1,5 +1,6 @@
-//! How long a subscriber's video streams keep sent packets for NACKs: fitted to the
-//! subscriber's round trip, with a floor, as Janus does (its `min_nack_queue`).
+//! How long a subscriber's video streams keep sent packets for NACKs: three round
+//! trips, as libwebrtc keeps its own sent packets, with Janus's floor (its
+//! `min_nack_queue`) and a cap.
 //!
 //! str0m keeps every sent video packet per subscriber stream, in a buffer that grows
 //! to the most packets one window ever held and is only freed when the window is set
@@ -14,7 +15,8 @@ use str0m::rtp::StreamTx;
 /// Never shorter, whatever the round trip: Janus's default `min_nack_queue`.
 pub const MIN: Duration = Duration::from_millis(200);
 /// Never longer: bounds the buffer against a path (or a forged receiver report) with
-/// a huge round trip. Covers round trips up to about 475 ms.
+/// a huge round trip. libwebrtc's own floor; two retries fit up to a 316 ms round
+/// trip, one up to 475 ms.
 pub const MAX: Duration = Duration::from_millis(1000);
 /// Windows move in steps, so round-trip jitter does not reset the buffers.
 const STEP: Duration = Duration::from_millis(100);
@@ -77,10 +79,10 @@ impl ResendWindow {
     }
 }
 
-/// Long enough for a NACK and one retry: the first NACK arrives a round trip (and a
-/// noticed gap) after the packet left, a retry one round trip later.
+/// Long enough for a NACK and two retries: the first NACK arrives a round trip (and
+/// a noticed gap) after the packet left, each retry a round trip later.
 fn fit(rtt: Duration) -> Duration {
-    let need = rtt.saturating_mul(2).saturating_add(GAP_NOTICED);
+    let need = rtt.saturating_mul(3).saturating_add(GAP_NOTICED);
     let steps = need.as_nanos().div_ceil(STEP.as_nanos());
     let rounded = STEP.saturating_mul(u32::try_from(steps).unwrap_or(u32::MAX));
     rounded.clamp(MIN, MAX)
@@ -97,11 +99,11 @@ mod tests {
     #[test]
     fn short_paths_get_the_floor_and_long_ones_the_cap() {
         assert_eq!(fit(ms(0)), MIN);
-        assert_eq!(fit(ms(70)), MIN); // 190 ms needed
-        assert_eq!(fit(ms(80)), ms(300)); // 210 ms, rounded up a step
-        assert_eq!(fit(ms(150)), ms(400));
-        assert_eq!(fit(ms(475)), MAX);
-        assert_eq!(fit(ms(5000)), MAX);
+        assert_eq!(fit(ms(50)), MIN); // 200 ms needed
+        assert_eq!(fit(ms(60)), ms(300)); // 230 ms, rounded up a step
+        assert_eq!(fit(ms(100)), ms(400));
+        assert_eq!(fit(ms(316)), MAX);
+        assert_eq!(fit(ms(400)), MAX);
         assert_eq!(fit(Duration::MAX), MAX);
     }
 
@@ -109,15 +111,11 @@ mod tests {
     fn a_longer_path_widens_at_once_and_a_shorter_one_only_after_a_clear_drop() {
         let mut w = ResendWindow::default();
         assert_eq!(w.observe(ms(1)), None, "loopback keeps the floor");
-        assert_eq!(w.observe(ms(150)), Some(ms(400)));
-        assert_eq!(
-            w.observe(ms(120)),
-            None,
-            "300 ms fits, but only a step less"
-        );
+        assert_eq!(w.observe(ms(100)), Some(ms(400)));
+        assert_eq!(w.observe(ms(80)), None, "300 ms fits, but only a step less");
         assert_eq!(w.window(), ms(400));
-        assert_eq!(w.observe(ms(180)), Some(ms(500)));
-        assert_eq!(w.observe(ms(20)), Some(MIN), "two steps down: shrink");
-        assert_eq!(w.rtt(), Some(ms(20)));
+        assert_eq!(w.observe(ms(130)), Some(ms(500)));
+        assert_eq!(w.observe(ms(10)), Some(MIN), "two steps down: shrink");
+        assert_eq!(w.rtt(), Some(ms(10)));
     }
 }
