@@ -215,6 +215,20 @@ test('two tabs see and hear each other through corelay', async (t) => {
       }
     });
 
+    await step('the server knows each tab\'s round trip and fits its resend window', async () => {
+      // From Chromium's receiver reports; the window stays at its floor on loopback.
+      const url = `http://127.0.0.1:${server.port}/debug/rooms`;
+      const participants = await waitFor('a round trip for both tabs', async () => {
+        const { rooms } = await (await fetch(url)).json();
+        const all = rooms.flatMap((r) => r.participants);
+        return all.length === 2 && all.every((p) => typeof p.rttMs === 'number') && all;
+      });
+      for (const p of participants) {
+        assert.ok(p.rttMs >= 0 && p.rttMs < 50, `loopback round trip of ${p.userId}: ${p.rttMs} ms`);
+        assert.equal(p.resendWindowMs, 200, `resend window of ${p.userId}`);
+      }
+    });
+
     await step('muting the microphone shows on the other tab', async () => {
       const [alice, bob] = tabs;
       await alice.page.click('#mic');
