@@ -13,11 +13,11 @@ use std::time::Duration;
 use str0m::rtp::StreamTx;
 
 /// Never shorter, whatever the round trip: Janus's default `min_nack_queue`.
-pub const MIN: Duration = Duration::from_millis(200);
+const MIN: Duration = Duration::from_millis(200);
 /// Never longer: bounds the buffer against a path (or a forged receiver report) with
 /// a huge round trip. libwebrtc's own floor; two retries fit up to a 316 ms round
 /// trip, one up to 475 ms.
-pub const MAX: Duration = Duration::from_millis(1000);
+const MAX: Duration = Duration::from_millis(1000);
 /// Windows move in steps, so round-trip jitter does not reset the buffers.
 const STEP: Duration = Duration::from_millis(100);
 /// How long a receiver takes to notice a gap: the next packet's arrival, up to a
