@@ -68,10 +68,11 @@ impl ResendWindow {
         })
     }
 
-    /// Sets a subscriber stream's resend buffer: this window for video, none for audio
-    /// (audio is never resent, so it needs no byte history for the cap either).
-    pub fn apply(&self, tx: &mut StreamTx, video: bool) {
-        if video {
+    /// Sets a subscriber stream's resend buffer: this window if the stream has a resend
+    /// (RTX) SSRC, as video does; none otherwise, since str0m could not resend from it
+    /// (audio: no buffer, and no byte history for the cap either).
+    pub fn apply(&self, tx: &mut StreamTx) {
+        if tx.rtx().is_some() {
             tx.set_rtx_cache(PACKETS, self.window, Some(SHARE_CAP));
         } else {
             tx.set_rtx_cache(0, Duration::ZERO, None);

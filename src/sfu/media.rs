@@ -263,9 +263,9 @@ impl Sfu {
         };
         debug!(conn = subscriber, ?rtt, ?window, "resend window refitted");
         let mut api = p.subscriber.rtc.direct_api();
-        for sub in p.subscriptions.values().filter(|s| s.video) {
+        for sub in p.subscriptions.values() {
             if let Some(tx) = api.stream_tx(&sub.ssrc) {
-                p.resend.apply(tx, true);
+                p.resend.apply(tx);
             }
         }
     }

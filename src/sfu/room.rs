@@ -110,8 +110,6 @@ pub struct Subscription {
     /// The subscriber stream's SSRC: str0m finds a stream by SSRC in a hash map, but
     /// by mid only by scanning all of the connection's streams, once per packet.
     pub ssrc: Ssrc,
-    /// Video keeps a resend buffer, sized by the participant's `resend` window.
-    pub video: bool,
     pub rewriter: Rewriter,
 }
 

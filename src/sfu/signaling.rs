@@ -539,14 +539,13 @@ impl Sfu {
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             return; // str0m made no stream for the answered mid: nothing to write to
         };
-        s.resend.apply(tx, video);
+        s.resend.apply(tx);
         let ssrc = tx.ssrc();
         s.subscriptions.insert(
             track_key,
             Subscription {
                 mid,
                 ssrc,
-                video,
                 rewriter: Rewriter::new(pt_pairs, video),
             },
         );
