@@ -6,7 +6,9 @@
 //! The text exposition format is a handful of lines, so it is written here directly.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 /// Counters a shard updates on its own core.
 #[derive(Debug, Default, Clone, Copy)]
@@ -27,6 +29,36 @@ pub struct Counters {
     pub keyframe_requests: u64,
     pub overloaded: u64,
     pub overloads: u64,
+    pub subscriber_rtt: RttHistogram,
+}
+
+/// Upper bounds of the round-trip buckets, in milliseconds: loopback and LAN, then
+/// the range where the resend window (`media::resend`) grows with the path.
+const RTT_BOUNDS_MS: [u64; 9] = [5, 10, 20, 50, 100, 200, 300, 500, 1000];
+/// One per bound, and one above them all.
+const RTT_BUCKETS: usize = RTT_BOUNDS_MS.len() + 1;
+
+/// Subscribers' round trips, one observation per stream's receiver-report stats
+/// (about one a second each): how far the audience is, without a label per peer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RttHistogram {
+    buckets: [u64; RTT_BUCKETS],
+    sum_us: u64,
+}
+
+impl RttHistogram {
+    pub fn observe(&mut self, rtt: Duration) {
+        let ms = rtt.as_millis();
+        let bucket = RTT_BOUNDS_MS
+            .iter()
+            .position(|&bound| ms <= u128::from(bound))
+            .unwrap_or(RTT_BOUNDS_MS.len());
+        if let Some(count) = self.buckets.get_mut(bucket) {
+            *count += 1;
+        }
+        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
 }
 
 struct Metric {
@@ -145,6 +177,8 @@ const METRICS: &[Metric] = &[
 #[derive(Default)]
 pub struct ShardMetrics {
     cells: [AtomicU64; METRICS.len()],
+    rtt_buckets: [AtomicU64; RTT_BUCKETS],
+    rtt_sum_us: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -152,10 +186,34 @@ impl ShardMetrics {
         for (cell, metric) in self.cells.iter().zip(METRICS) {
             cell.store((metric.get)(counters), Relaxed);
         }
+        let rtt = &counters.subscriber_rtt;
+        for (cell, count) in self.rtt_buckets.iter().zip(rtt.buckets) {
+            cell.store(count, Relaxed);
+        }
+        self.rtt_sum_us.store(rtt.sum_us, Relaxed);
     }
 
     fn value(&self, index: usize) -> u64 {
         self.cells.get(index).map_or(0, |c| c.load(Relaxed))
+    }
+
+    /// This shard's round-trip histogram: cumulative buckets, sum and count.
+    fn render_rtt(&self, out: &mut String, shard: usize) {
+        let name = "rtc_subscriber_rtt_seconds";
+        let mut count = 0;
+        for (i, cell) in self.rtt_buckets.iter().enumerate() {
+            count += cell.load(Relaxed);
+            let le = RTT_BOUNDS_MS
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |&ms| (ms as f64 / 1e3).to_string());
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {count}"
+            );
+        }
+        let sum = self.rtt_sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {count}");
     }
 }
 
@@ -167,7 +225,7 @@ pub struct AcceptMetrics {
     pub signaling_errors: AtomicU64,
 }
 
-pub fn render(shards: &[std::sync::Arc<ShardMetrics>], accept: &AcceptMetrics) -> String {
+pub fn render(shards: &[Arc<ShardMetrics>], accept: &AcceptMetrics) -> String {
     let mut out = String::with_capacity(4096);
     for (i, metric) in METRICS.iter().enumerate() {
         let _ = writeln!(out, "# HELP {} {}", metric.name, metric.help);
@@ -175,6 +233,14 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], accept: &AcceptMetrics) -
         for (shard, m) in shards.iter().enumerate() {
             let _ = writeln!(out, "{}{{shard=\"{shard}\"}} {}", metric.name, m.value(i));
         }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP rtc_subscriber_rtt_seconds Subscribers' round trips, one per stream report."
+    );
+    let _ = writeln!(out, "# TYPE rtc_subscriber_rtt_seconds histogram");
+    for (shard, m) in shards.iter().enumerate() {
+        m.render_rtt(&mut out, shard);
     }
     let accept_metrics = [
         (
@@ -232,4 +298,52 @@ fn process_usage() -> Option<(f64, u64)> {
     };
     let (hz, page) = (u64::try_from(hz).ok()?.max(1), u64::try_from(page).ok()?);
     Some((ticks as f64 / hz as f64, pages * page))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, line_start: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start:?} in\n{text}"))
+    }
+
+    #[test]
+    fn round_trips_render_as_a_cumulative_histogram_per_shard() {
+        let mut counters = Counters::default();
+        for ms in [1, 5, 6, 300, 2500] {
+            counters.subscriber_rtt.observe(Duration::from_millis(ms));
+        }
+        let (near, far) = (Arc::new(ShardMetrics::default()), Arc::default());
+        near.publish(&counters);
+        let text = render(&[near, far], &AcceptMetrics::default());
+
+        assert!(text.contains("# TYPE rtc_subscriber_rtt_seconds histogram"));
+        let bucket = |le: &str| {
+            sample(
+                &text,
+                &format!("rtc_subscriber_rtt_seconds_bucket{{shard=\"0\",le=\"{le}\"}}"),
+            )
+        };
+        assert_eq!(bucket("0.005"), 2.0, "a bound is inclusive");
+        assert_eq!(bucket("0.01"), 3.0);
+        assert_eq!(bucket("0.2"), 3.0);
+        assert_eq!(bucket("0.3"), 4.0);
+        assert_eq!(bucket("1"), 4.0);
+        assert_eq!(bucket("+Inf"), 5.0, "above every bound");
+        assert_eq!(
+            sample(&text, "rtc_subscriber_rtt_seconds_count{shard=\"0\"}"),
+            5.0
+        );
+        assert_eq!(
+            sample(&text, "rtc_subscriber_rtt_seconds_sum{shard=\"0\"}"),
+            2.812
+        );
+        assert_eq!(
+            sample(&text, "rtc_subscriber_rtt_seconds_count{shard=\"1\"}"),
+            0.0
+        );
+    }
 }

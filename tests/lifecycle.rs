@@ -153,6 +153,22 @@ fn a_distant_subscriber_gets_resends_from_a_window_fitted_to_its_round_trip() {
     let rtt = far.rtt_ms.unwrap_or_default();
     assert!((295.0..320.0).contains(&rtt), "round trip {rtt} ms");
     assert_eq!(far.resend_window_ms, 1000, "3 x 300 ms + 50 ms, a step up");
+    let metrics = net.metrics();
+    let sample = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    let reports = sample("rtc_subscriber_rtt_seconds_count{shard=\"0\"}");
+    assert!(reports > 0.0, "the round trip is on /metrics");
+    let within = |le: &str| {
+        sample(&format!(
+            "rtc_subscriber_rtt_seconds_bucket{{shard=\"0\",le=\"{le}\"}}"
+        ))
+    };
+    assert_eq!(within("0.2"), 0.0, "none nearer than 200 ms:\n{metrics}");
+    assert_eq!(within("0.5"), reports, "all within 500 ms:\n{metrics}");
 
     // The loss is periodic, and so is the media: at some periods it lines up with a
     // resend and its retries too (1 in 10 lost one packet for good), or misses video

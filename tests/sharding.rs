@@ -102,6 +102,7 @@ fn http_endpoints_answer() {
         "rtc_join_ticket_issued_total",
         "rtc_forwarded_packets_total",
         "rtc_forwarded_bytes_total",
+        "rtc_subscriber_rtt_seconds",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
     ] {

@@ -252,9 +252,11 @@ impl Sfu {
         }
     }
 
-    /// A receiver report gave the subscriber connection's round trip: refit the
-    /// window its video streams keep for NACKs (`media::resend`).
+    /// A receiver report gave the subscriber connection's round trip: count it for
+    /// `/metrics`, and refit the window its video streams keep for NACKs
+    /// (`media::resend`).
     pub(super) fn subscriber_rtt(&mut self, subscriber: ConnId, rtt: Duration) {
+        self.counters.subscriber_rtt.observe(rtt);
         let Some(p) = self.peers.get_mut(&subscriber) else {
             return;
         };

@@ -12,8 +12,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::iter;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use corelay::metrics::{self, AcceptMetrics, ShardMetrics};
 use corelay::sfu::{Limits, Sfu};
 use corelay::shard::messages::{ConnId, ParticipantSnapshot, ToAccept, ToShard};
 use corelay::signaling::protocol::{ClientMsg, parse};
@@ -168,6 +170,13 @@ impl Network {
             .flat_map(|room| room.participants)
             .find(|p| p.peer_id == peer_id)
             .expect("the peer is in a room")
+    }
+
+    /// What the SFU's shard shows on `/metrics`.
+    pub fn metrics(&self) -> String {
+        let shard = Arc::new(ShardMetrics::default());
+        shard.publish(&self.sfu.counters);
+        metrics::render(&[shard], &AcceptMetrics::default())
     }
 
     /// Runs the clock until `done` holds; fails after `RUN_LIMIT` of virtual time.
