@@ -52,7 +52,7 @@ const IDLE_SLEEP: Duration = Duration::from_secs(1);
 /// run. Under load the UDP task always finds a datagram waiting and never parks, so
 /// glommio's 100 ms default held signaling, WebSocket I/O and str0m's timers back
 /// that long at every hop: joins near the knee took 400 ms.
-const PREEMPT: Duration = Duration::from_millis(2);
+const PREEMPT: Duration = Duration::from_millis(1);
 
 /// What the rest of the server holds of a shard.
 #[derive(Clone)]
