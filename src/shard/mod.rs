@@ -51,7 +51,7 @@ const IDLE_SLEEP: Duration = Duration::from_secs(1);
 /// How long one task runs before the executor polls io_uring and lets the others
 /// run. Under load the UDP task always finds a datagram waiting and never parks, so
 /// glommio's 100 ms default held signaling, WebSocket I/O and str0m's timers back
-/// that long at every hop: joins near the knee took 400 ms.
+/// that long at every hop: joins near the knee took 250-500 ms.
 const PREEMPT: Duration = Duration::from_millis(1);
 
 /// What the rest of the server holds of a shard.
