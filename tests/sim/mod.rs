@@ -213,17 +213,15 @@ impl Network {
             self.socket_drops += 1;
             self.sfu.socket_drops(self.now, self.socket_drops);
         }
-        while self
-            .in_flight
-            .front()
-            .is_some_and(|(at, _)| *at <= self.now)
+        while let Some((at, _)) = self.in_flight.front()
+            && *at <= self.now
+            && let Some((_, flight)) = self.in_flight.pop_front()
         {
-            match self.in_flight.pop_front().map(|(_, flight)| flight) {
-                Some(Flight::ToSfu(source, datagram)) => self
+            match flight {
+                Flight::ToSfu(source, datagram) => self
                     .sfu
                     .handle_datagrams(self.now, iter::once((source, datagram.as_slice()))),
-                Some(Flight::ToPeer(t)) => self.arrive(t),
-                None => {}
+                Flight::ToPeer(t) => self.arrive(t),
             }
         }
         self.pump();
