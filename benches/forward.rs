@@ -29,6 +29,13 @@
 //! at one K is what a larger room adds to each forwarded packet: a lookup or a tick
 //! that scans a connection's streams shows up here.
 //!
+//! The last case, `rooms=12`, is shaped like the loadtest's meeting preset: twelve
+//! rooms of five, everyone publishing audio and video, every publisher's packets
+//! held and fed in the order they were sent. A batch then mixes many publishers, so
+//! each subscriber connection gets a few of its packets, not all 32, and is ticked
+//! for those few, with its state gone cold since its last batch. Against `K=4` (the
+//! same copies per packet, one tick per subscriber per batch) it shows what that costs.
+//!
 //! Each criterion iteration is one published packet, with `Throughput::Elements(K)`,
 //! so criterion's `time` is per published packet and its `thrpt` is forwarded
 //! packets per second; the line printed after each K divides by K for you. Every run
@@ -61,13 +68,102 @@ use str0m::net::Transmit;
 const FANOUTS: [usize; 3] = [1, 4, 16];
 /// Subscriber counts benchmarked with every subscriber publishing too.
 const MEETINGS: [usize; 2] = [4, 16];
+/// Meeting rooms benchmarked side by side (see [`Case::Rooms`]).
+const ROOMS: usize = 12;
+/// Participants per room in [`Case::Rooms`], as in the loadtest's meeting preset.
+const ROOM_SIZE: usize = 5;
 /// The other publishers' video rate in the meeting cases: enough to keep their
 /// streams live, little enough that the untimed steps stay short.
 const SLOW_VIDEO_KBPS: u32 = 100;
 /// Publisher datagrams held back and fed per timed run.
 const CHUNK: usize = 128;
-/// The publisher is peer 0; subscribers are 1..=K. A peer's conn id is its index.
+/// In a fan-out, the publisher is peer 0 and subscribers are 1..=K. A peer's conn
+/// id is its index.
 const PUBLISHER: usize = 0;
+
+/// What one benchmark case puts on the shard.
+#[derive(Debug, Clone, Copy)]
+enum Case {
+    /// One video publisher, K subscribers: a batch is 32 packets of one track, so a
+    /// subscriber connection is ticked once per batch.
+    Fanout(usize),
+    /// As `Fanout`, with every subscriber publishing (slow) video too, so each
+    /// subscriber connection carries K streams.
+    Meeting(usize),
+    /// `ROOMS` rooms of `ROOM_SIZE`, everyone publishing audio and 300 kbps video,
+    /// as in the loadtest's meeting preset, all of it held and fed: a batch mixes
+    /// many publishers' packets, as the shard's socket delivers them.
+    Rooms,
+}
+
+impl Case {
+    fn name(self) -> String {
+        match self {
+            Case::Fanout(k) => format!("K={k}"),
+            Case::Meeting(k) => format!("K={k},meeting"),
+            Case::Rooms => format!("rooms={ROOMS}"),
+        }
+    }
+
+    fn peers(self) -> usize {
+        match self {
+            Case::Fanout(k) | Case::Meeting(k) => k + 1,
+            Case::Rooms => ROOMS * ROOM_SIZE,
+        }
+    }
+
+    /// Copies forwarded of each published packet.
+    fn copies(self) -> usize {
+        match self {
+            Case::Fanout(k) | Case::Meeting(k) => k,
+            Case::Rooms => ROOM_SIZE - 1,
+        }
+    }
+
+    /// Peers whose RTP is held and fed in the timed section.
+    fn fed(self) -> Vec<usize> {
+        match self {
+            Case::Fanout(_) | Case::Meeting(_) => vec![PUBLISHER],
+            Case::Rooms => (0..self.peers()).collect(),
+        }
+    }
+
+    /// Peers that must receive video, and from how many publishers each.
+    fn receivers(self) -> (std::ops::Range<usize>, usize) {
+        match self {
+            Case::Fanout(k) => (PUBLISHER + 1..k + 1, 1),
+            Case::Meeting(k) => (PUBLISHER + 1..k + 1, k),
+            Case::Rooms => (0..self.peers(), ROOM_SIZE - 1),
+        }
+    }
+
+    fn peer_config(self, index: usize) -> PeerConfig {
+        match self {
+            Case::Fanout(_) | Case::Meeting(_) => {
+                let publisher = index == PUBLISHER;
+                PeerConfig {
+                    publish_audio: false,
+                    publish_video: publisher || matches!(self, Case::Meeting(_)),
+                    // A high rate gives many packets per frame, so a chunk spans little
+                    // virtual time.
+                    media: MediaConfig {
+                        video_kbps: if publisher { 4_000 } else { SLOW_VIDEO_KBPS },
+                        ..MediaConfig::default()
+                    },
+                    message_log_capacity: 0,
+                    ..PeerConfig::new("bench", format!("user-{index}"))
+                }
+            }
+            Case::Rooms => PeerConfig {
+                message_log_capacity: 0,
+                ..PeerConfig::new(
+                    format!("room-{}", index / ROOM_SIZE),
+                    format!("user-{index}"),
+                )
+            },
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------------
 // Allocation counting
@@ -118,23 +214,22 @@ mod sim;
 
 use sim::{Network, is_rtp};
 
-/// The network of one fan-out, plus the reused buffers of the timed section so it
+/// The network of one case, plus the reused buffers of the timed section so it
 /// allocates only what the SFU does.
 struct Bench {
+    case: Case,
     net: Network,
     feed: Vec<(SocketAddr, Vec<u8>)>,
     outbox: Vec<Transmit>,
 }
 
 impl Bench {
-    /// A room with one video publisher and `subscribers` receiving it; in a
-    /// `meeting`, the subscribers publish video too and receive each other's.
-    fn new(subscribers: usize, meeting: bool) -> Self {
-        let configs = (0..=subscribers).map(|i| peer_config(i, meeting)).collect();
+    fn new(case: Case) -> Self {
+        let configs = (0..case.peers()).map(|i| case.peer_config(i)).collect();
         let mut net = Network::new(configs);
-        let streams = if meeting { subscribers } else { 1 };
-        net.run_until("every subscriber receives all its video", |net| {
-            (PUBLISHER + 1..net.peers.len()).all(|i| {
+        let (receivers, streams) = case.receivers();
+        net.run_until("every receiver gets all its video", |net| {
+            receivers.clone().all(|i| {
                 let stats = net.peers[i].stats();
                 let live = stats
                     .tracks
@@ -143,20 +238,17 @@ impl Bench {
                 stats.subscriber_connected && live.count() == streams
             })
         });
-        net.hold_rtp_of = Some(PUBLISHER);
+        net.hold_rtp_of = case.fed();
         Self {
+            case,
             net,
             feed: Vec::with_capacity(CHUNK),
             outbox: Vec::new(),
         }
     }
 
-    fn subscribers(&self) -> usize {
-        self.net.peers.len() - 1
-    }
-
-    /// Panics unless every client saw a clean session and every subscriber got all
-    /// the video it was sent, in order: the measured path did its whole job.
+    /// Panics unless every client saw a clean session and every receiver got all the
+    /// video it was sent, in order: the measured path did its whole job.
     fn assert_healthy(&self) {
         assert!(self.net.closed.is_empty(), "{:?}", self.net.closed);
         for (i, peer) in self.net.peers.iter().enumerate() {
@@ -167,9 +259,10 @@ impl Bench {
                 stats.violations,
                 stats.errors
             );
-            if i == PUBLISHER {
-                continue;
-            }
+        }
+        let (receivers, _) = self.case.receivers();
+        for i in receivers {
+            let stats = self.net.peers[i].stats();
             let videos = stats.tracks.iter().filter(|t| t.kind == MediaKind::Video);
             let mut seen = 0;
             for video in videos {
@@ -177,10 +270,10 @@ impl Bench {
                 assert_eq!(
                     (video.lost, video.duplicates, video.reordered),
                     (0, 0, 0),
-                    "subscriber {i}: {video:?}"
+                    "receiver {i}: {video:?}"
                 );
             }
-            assert!(seen > 0, "subscriber {i} got no video");
+            assert!(seen > 0, "receiver {i} got no video");
         }
     }
 
@@ -194,7 +287,7 @@ impl Bench {
     /// Feeds `n` held datagrams to the SFU; only this is timed and counted.
     fn forward_held(&mut self, n: usize) -> Sample {
         self.feed.extend(self.net.held.drain(..n));
-        self.outbox.reserve(n * self.subscribers() + BATCH);
+        self.outbox.reserve(n * self.case.copies() + BATCH);
         let sfu = &mut self.net.sfu;
         let forwarded_before = sfu.counters.forwarded_packets;
         let allocations_before = allocations();
@@ -211,10 +304,10 @@ impl Bench {
         assert_eq!(
             (sample.forwarded, encrypted as u64),
             (
-                sample.published * self.subscribers() as u64,
+                sample.published * self.case.copies() as u64,
                 sample.forwarded
             ),
-            "every published packet must be written to, and sent by, every subscriber leg"
+            "every published packet must be written to, and sent by, every receiving leg"
         );
         self.feed.clear();
         let mut outbox = std::mem::take(&mut self.outbox);
@@ -241,21 +334,6 @@ fn feed_batches(
         let batch = batch.iter().map(|(source, d)| (*source, d.as_slice()));
         sfu.handle_datagrams(now, batch);
         outbox.extend(sfu.transmits.drain());
-    }
-}
-
-fn peer_config(index: usize, meeting: bool) -> PeerConfig {
-    let publisher = index == PUBLISHER;
-    PeerConfig {
-        publish_audio: false,
-        publish_video: publisher || meeting,
-        // A high rate gives many packets per frame, so a chunk spans little virtual time.
-        media: MediaConfig {
-            video_kbps: if publisher { 4_000 } else { SLOW_VIDEO_KBPS },
-            ..MediaConfig::default()
-        },
-        message_log_capacity: 0,
-        ..PeerConfig::new("bench", format!("user-{index}"))
     }
 }
 
@@ -347,18 +425,14 @@ fn report_allocation_split(samples: &[(usize, Sample)]) {
 }
 
 /// Runs one case if the command line's filter keeps it; returns its timed total.
-fn case(group: &mut BenchmarkGroup<'_, WallTime>, k: usize, meeting: bool) -> Option<Sample> {
-    let name = if meeting {
-        format!("K={k},meeting")
-    } else {
-        format!("K={k}")
-    };
+fn case(group: &mut BenchmarkGroup<'_, WallTime>, case: Case) -> Option<Sample> {
+    let name = case.name();
     // Built on first use, so a benchmark filtered out on the command line costs nothing.
     let mut net = None;
     let mut total = Sample::default();
-    group.throughput(Throughput::Elements(k as u64));
+    group.throughput(Throughput::Elements(case.copies() as u64));
     group.bench_function(BenchmarkId::from_parameter(&name), |b| {
-        let net = net.get_or_insert_with(|| Bench::new(k, meeting));
+        let net = net.get_or_insert_with(|| Bench::new(case));
         b.iter_custom(|iters| run(net, iters, &mut total));
     });
     let net = net?;
@@ -375,25 +449,35 @@ fn forward(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(4));
     let fanouts: Vec<(usize, Sample)> = FANOUTS
         .into_iter()
-        .filter_map(|k| Some((k, case(&mut group, k, false)?)))
+        .filter_map(|k| Some((k, case(&mut group, Case::Fanout(k))?)))
         .collect();
     let meetings: Vec<(usize, Sample)> = MEETINGS
         .into_iter()
-        .filter_map(|k| Some((k, case(&mut group, k, true)?)))
+        .filter_map(|k| Some((k, case(&mut group, Case::Meeting(k))?)))
         .collect();
+    let rooms = case(&mut group, Case::Rooms);
     group.finish();
     if fanouts.len() > 1 {
         report_allocation_split(&fanouts);
     }
+    let time = |s: &Sample| s.per_forwarded(s.elapsed.as_nanos() as f64);
+    let fanout = |k: usize| fanouts.iter().find(|(fk, _)| *fk == k).map(|(_, s)| s);
     for (k, meeting) in &meetings {
-        if let Some((_, single)) = fanouts.iter().find(|(fk, _)| fk == k) {
+        if let Some(single) = fanout(*k) {
             println!(
                 "forward/K={k}: {:.2}x the time per forwarded packet with {k} streams per \
                  subscriber connection as with one",
-                meeting.per_forwarded(meeting.elapsed.as_nanos() as f64)
-                    / single.per_forwarded(single.elapsed.as_nanos() as f64)
+                time(meeting) / time(single)
             );
         }
+    }
+    if let (Some(rooms), Some(single)) = (rooms, fanout(ROOM_SIZE - 1)) {
+        println!(
+            "forward/rooms={ROOMS}: {:.2}x the time per forwarded packet of K={}, where a \
+             batch shares one tick per subscriber connection",
+            time(&rooms) / time(single),
+            ROOM_SIZE - 1
+        );
     }
 }
 

@@ -296,7 +296,7 @@ fn a_packet_leaves_in_the_batch_that_brought_it() {
         net.receives_video(1, 10)
     });
     let subscriber = leg_addr(1, Leg::Subscriber);
-    net.hold_rtp_of = Some(0);
+    net.hold_rtp_of = vec![0];
     net.hold_all_from = Some(subscriber);
     let held_from = |net: &Network, from_subscriber: bool| {
         net.held

@@ -63,8 +63,8 @@ pub struct Network {
     pub now: Instant,
     pub sfu: Sfu,
     pub peers: Vec<Peer>,
-    /// The peer whose RTP datagrams wait in `held` instead of reaching the SFU.
-    pub hold_rtp_of: Option<usize>,
+    /// The peers whose RTP datagrams wait in `held` instead of reaching the SFU.
+    pub hold_rtp_of: Vec<usize>,
     pub held: VecDeque<(SocketAddr, Vec<u8>)>,
     /// Every datagram from this client address waits in `held` too.
     pub hold_all_from: Option<SocketAddr>,
@@ -102,7 +102,7 @@ impl Network {
         let now = Instant::now();
         let limits = Limits {
             room_participants: configs.len(),
-            rooms: 4,
+            rooms: configs.len(),
             tracks: 4,
         };
         let sfu = Sfu::new(0, vec![SFU_ADDR], limits, Vec::new()).expect("sfu");
@@ -122,7 +122,7 @@ impl Network {
             cut: vec![false; peers.len()],
             rtp_from: vec![HashMap::new(); peers.len()],
             peers,
-            hold_rtp_of: None,
+            hold_rtp_of: Vec::new(),
             held: VecDeque::new(),
             hold_all_from: None,
             lose_rtp_to: None,
@@ -265,7 +265,7 @@ impl Network {
     /// Stops holding datagrams and hands the held ones to the SFU, in order.
     pub fn release_held(&mut self) {
         self.hold_all_from = None;
-        self.hold_rtp_of = None;
+        self.hold_rtp_of.clear();
         for (source, datagram) in std::mem::take(&mut self.held) {
             self.sfu
                 .handle_datagrams(self.now, iter::once((source, datagram.as_slice())));
@@ -312,7 +312,7 @@ impl Network {
                 }
             }
         }
-        if (self.hold_rtp_of == Some(peer) && is_rtp(&contents))
+        if (self.hold_rtp_of.contains(&peer) && is_rtp(&contents))
             || self.hold_all_from == Some(source)
         {
             self.held.push_back((source, contents));
