@@ -36,12 +36,13 @@
 //! for those few, with its state gone cold since its last batch. Against `K=4` (the
 //! same copies per packet, one tick per subscriber per batch) it shows what that costs.
 //!
-//! Each criterion iteration is one published packet, with `Throughput::Elements(K)`,
-//! so criterion's `time` is per published packet and its `thrpt` is forwarded
-//! packets per second; the line printed after each K divides by K for you. Every run
-//! checks that each published packet was written to all K subscriber legs and came
-//! out as K encrypted RTP datagrams, and after each K every subscriber must have
-//! received its video without loss, duplicates or reordering.
+//! Each criterion iteration is one published packet, with `Throughput::Elements(K)`
+//! (K copies per packet; 4 in `rooms=12`), so criterion's `time` is per published
+//! packet and its `thrpt` is forwarded packets per second; the line printed after
+//! each case divides by K for you. Every run checks that each published packet was
+//! written to all K receiving legs and came out as K encrypted RTP datagrams, and
+//! after each case every receiver must have got its video without loss, duplicates
+//! or reordering.
 //!
 //! A counting global allocator tallies allocations made during step 2 only; after
 //! each K a line gives time and allocations per forwarded packet, and at the end the
