@@ -76,6 +76,8 @@ const ROOM_SIZE: usize = 5;
 /// The other publishers' video rate in the meeting cases: enough to keep their
 /// streams live, little enough that the untimed steps stay short.
 const SLOW_VIDEO_KBPS: u32 = 100;
+/// Participants who came, published and left before [`Case::Visited`] is timed.
+const VISITS: usize = 50;
 /// Publisher datagrams held back and fed per timed run.
 const CHUNK: usize = 128;
 /// In a fan-out, the publisher is peer 0 and subscribers are 1..=K. A peer's conn
@@ -91,6 +93,9 @@ enum Case {
     /// As `Fanout`, with every subscriber publishing (slow) video too, so each
     /// subscriber connection carries K streams.
     Meeting(usize),
+    /// As `Fanout`, after `VISITS` participants came, published audio and video, and
+    /// left: what the tracks of those gone still cost a subscriber connection.
+    Visited(usize),
     /// `ROOMS` rooms of `ROOM_SIZE`, everyone publishing audio and 300 kbps video,
     /// as in the loadtest's meeting preset, all of it held and fed: a batch mixes
     /// many publishers' packets, as the shard's socket delivers them.
@@ -102,6 +107,7 @@ impl Case {
         match self {
             Case::Fanout(k) => format!("K={k}"),
             Case::Meeting(k) => format!("K={k},meeting"),
+            Case::Visited(k) => format!("K={k},after {VISITS} visitors"),
             Case::Rooms => format!("rooms={ROOMS}"),
         }
     }
@@ -109,6 +115,8 @@ impl Case {
     fn peers(self) -> usize {
         match self {
             Case::Fanout(k) | Case::Meeting(k) => k + 1,
+            // The last peer is the visitor of the moment.
+            Case::Visited(k) => k + 2,
             Case::Rooms => ROOMS * ROOM_SIZE,
         }
     }
@@ -116,7 +124,7 @@ impl Case {
     /// Copies forwarded of each published packet.
     fn copies(self) -> usize {
         match self {
-            Case::Fanout(k) | Case::Meeting(k) => k,
+            Case::Fanout(k) | Case::Meeting(k) | Case::Visited(k) => k,
             Case::Rooms => ROOM_SIZE - 1,
         }
     }
@@ -124,7 +132,7 @@ impl Case {
     /// Peers whose RTP is held and fed in the timed section.
     fn fed(self) -> Vec<usize> {
         match self {
-            Case::Fanout(_) | Case::Meeting(_) => vec![PUBLISHER],
+            Case::Fanout(_) | Case::Meeting(_) | Case::Visited(_) => vec![PUBLISHER],
             Case::Rooms => (0..self.peers()).collect(),
         }
     }
@@ -134,13 +142,23 @@ impl Case {
         match self {
             Case::Fanout(k) => (PUBLISHER + 1..k + 1, 1),
             Case::Meeting(k) => (PUBLISHER + 1..k + 1, k),
+            // The first visitor's video too, before it leaves.
+            Case::Visited(k) => (PUBLISHER + 1..k + 1, 2),
             Case::Rooms => (0..self.peers(), ROOM_SIZE - 1),
         }
     }
 
     fn peer_config(self, index: usize) -> PeerConfig {
         match self {
-            Case::Fanout(_) | Case::Meeting(_) => {
+            Case::Visited(k) if index == k + 1 => PeerConfig {
+                media: MediaConfig {
+                    video_kbps: SLOW_VIDEO_KBPS,
+                    ..MediaConfig::default()
+                },
+                message_log_capacity: 0,
+                ..PeerConfig::new("bench", "visitor")
+            },
+            Case::Fanout(_) | Case::Meeting(_) | Case::Visited(_) => {
                 let publisher = index == PUBLISHER;
                 PeerConfig {
                     publish_audio: false,
@@ -239,6 +257,33 @@ impl Bench {
                 stats.subscriber_connected && live.count() == streams
             })
         });
+        if let Case::Visited(k) = case {
+            let visitor = k + 1;
+            for visit in 0..VISITS {
+                if visit > 0 {
+                    net.replace(visitor, case.peer_config(visitor));
+                }
+                let id = |net: &Network| net.peers[visitor].peer_id().map(str::to_owned);
+                let subscribers_have = |net: &Network, id: &str| {
+                    (1..=k).all(|i| {
+                        let msids = net.peers[i].stats().active_msids();
+                        msids.iter().any(|(stream, _)| stream == id)
+                    })
+                };
+                net.run_until("every subscriber is offered the visitor's tracks", |net| {
+                    id(net).is_some_and(|id| subscribers_have(net, &id))
+                });
+                let gone = id(&net).expect("joined");
+                net.peers[visitor].leave();
+                net.run_until("the visitor's tracks are gone", |net| {
+                    !subscribers_have(net, &gone)
+                        && (1..=k).all(|i| net.peers[i].stats().active_msids().len() == 1)
+                });
+            }
+            // Leaving closes the socket; only the visitors' own closes are expected.
+            net.closed
+                .retain(|&(peer, code)| (peer, code) != (visitor, 1000));
+        }
         net.hold_rtp_of = case.fed();
         Self {
             case,
@@ -456,6 +501,7 @@ fn forward(c: &mut Criterion) {
         .into_iter()
         .filter_map(|k| Some((k, case(&mut group, Case::Meeting(k))?)))
         .collect();
+    let visited = case(&mut group, Case::Visited(4));
     let rooms = case(&mut group, Case::Rooms);
     group.finish();
     if fanouts.len() > 1 {
@@ -471,6 +517,13 @@ fn forward(c: &mut Criterion) {
                 time(meeting) / time(single)
             );
         }
+    }
+    if let (Some(visited), Some(fresh)) = (visited, fanout(4)) {
+        println!(
+            "forward/K=4: {:.2}x the time per forwarded packet after {VISITS} visitors came \
+             and went as before any",
+            time(&visited) / time(fresh)
+        );
     }
     if let (Some(rooms), Some(single)) = (rooms, fanout(ROOM_SIZE - 1)) {
         println!(

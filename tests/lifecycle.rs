@@ -3,8 +3,9 @@
 //! that went silent, NACKs recover lost packets from the resend buffer, a subscriber
 //! right after another gets its own keyframe without a long throttle (and only once
 //! its connection is up), voice activity follows the audio level, a forwarded packet
-//! leaves in the batch that brought it, a late connection starts with live media, and
-//! a shard whose socket drops datagrams stops asking publishers for resends.
+//! leaves in the batch that brought it, a late connection starts with live media, a
+//! shard whose socket drops datagrams stops asking publishers for resends, and the
+//! tracks of publishers who left leave no streams on a long-lived subscriber.
 
 #[path = "sim/mod.rs"]
 mod sim;
@@ -396,4 +397,64 @@ fn an_overloaded_shard_stops_asking_publishers_for_resends() {
     net.run_until("the shard recovers", |net| net.sfu.counters.overloaded == 0);
     net.run_until("NACKs resume", |net| resends(net) > resent);
     assert_eq!(net.sfu.counters.overloads, 1);
+}
+
+/// A long-lived participant's subscriber connection outlives many publishers: each
+/// one gone leaves an inactive m-line (str0m never reuses one), but no send stream
+/// for str0m to keep, tick and report on, so no SSRC in the offers either.
+#[test]
+fn publishers_that_left_leave_no_streams_on_a_long_lived_subscriber() {
+    const VISITS: usize = 10;
+    let mut net = Network::new(vec![peer("stays", false), peer("visitor", true)]);
+    let visitor_video = |net: &Network| {
+        let id = net.peers[1].peer_id()?;
+        let received = net.peers[0].stats().track(id, MediaKind::Video)?.received;
+        (received > 10).then_some(())
+    };
+    net.run_until("the first visitor's video", |net| {
+        visitor_video(net).is_some()
+    });
+    for _ in 0..VISITS {
+        net.peers[1].leave();
+        net.run_until("the visitor's tracks are retired", |net| {
+            offered_publishers(net, 0).is_empty()
+        });
+        net.replace(1, peer("visitor", true));
+        net.run_until("the next visitor's video", |net| {
+            visitor_video(net).is_some()
+        });
+    }
+
+    let stats = net.peers[0].stats();
+    let offer = stats.messages_of("offer").last().expect("an offer");
+    let offer: serde_json::Value = serde_json::from_str(&offer.raw).expect("json");
+    let sdp = offer["sdp"].as_str().expect("sdp");
+    let sections: Vec<&str> = sdp.split("\r\nm=").skip(1).collect();
+    let inactive: Vec<&&str> = sections
+        .iter()
+        .filter(|m| m.contains("a=inactive"))
+        .collect();
+    assert_eq!(
+        inactive.len(),
+        2 * VISITS,
+        "an audio and a video m-line per visitor gone"
+    );
+    for section in inactive {
+        assert!(
+            !section.contains("a=ssrc:"),
+            "a retired m-line declares a stream: {section}"
+        );
+    }
+    assert_eq!(
+        sections.len() - 2 * VISITS,
+        2,
+        "the visitor's live audio and video"
+    );
+    for track in &stats.tracks {
+        assert_eq!(
+            (track.lost, track.duplicates, track.reordered),
+            (0, 0, 0),
+            "{track:?}"
+        );
+    }
 }

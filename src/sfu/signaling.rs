@@ -441,6 +441,14 @@ impl Sfu {
         if wanted.is_empty() && retired.is_empty() {
             return;
         }
+        // A retired track's send stream goes at once: str0m would otherwise keep it
+        // (and walk it on every tick) for as long as the connection lives.
+        let mut direct = p.subscriber.rtc.direct_api();
+        for &mid in &retired {
+            if let Some(ssrc) = direct.stream_tx_by_mid(mid, None).map(|tx| tx.ssrc()) {
+                direct.remove_stream_tx(ssrc);
+            }
+        }
         let mut api = p.subscriber.rtc.sdp_api();
         let mut added = Vec::new();
         for (key, kind, peer_id, track_id) in wanted {
@@ -453,6 +461,8 @@ impl Sfu {
             );
             added.push((key, mid));
         }
+        // Inactive, not stopped: a session whose m-lines were all stopped would have
+        // an empty BUNDLE group, which browsers refuse (and str0m reuses no slot).
         for mid in retired {
             api.set_direction(mid, Direction::Inactive);
         }

@@ -243,6 +243,26 @@ test('two tabs see and hear each other through corelay', async (t) => {
       await waitFor('alice\'s tile to disappear in bob', () =>
         bob.page.evaluate(() => document.querySelectorAll('.tile[data-peer]').length === 0), 10_000);
     });
+
+    await step('a tab that comes back is seen again', async () => {
+      // Bob's next offer stops the m-lines of alice's old tracks (port 0) and adds
+      // her new ones: Chromium must take both, and decode the new video.
+      const bob = tabs[1];
+      const before = (await subscriberStats(bob.page)).video.framesDecoded;
+      const page = await (await browser.contexts()[0]).newPage();
+      const consoleTail = tail(150);
+      page.on('console', (m) => consoleTail.push(`[${m.type()}] ${m.text()}`));
+      tabs[0] = { name: 'alice again', page, console: consoleTail };
+      await page.goto(`http://127.0.0.1:${server.port}/?room=e2e&user=alice`);
+      await waitFor('video from the returning alice in bob', async () => {
+        const s = await subscriberStats(bob.page);
+        return s && s.video.framesDecoded > before + MIN_FRAMES;
+      });
+      const status = await bob.page.evaluate(() => window.corelay.status);
+      assert.doesNotMatch(status, / \| /, 'no notice in tab bob');
+      const tiles = await bob.page.evaluate(() => document.querySelectorAll('.tile[data-peer] video').length);
+      assert.equal(tiles, 1, 'one tile with video in bob');
+    });
   } catch (err) {
     await report(err);
     throw err;

@@ -87,6 +87,7 @@ pub struct Network {
     /// in sending order is also in arrival order).
     pub delay: Option<(usize, Duration)>,
     in_flight: VecDeque<(Instant, Flight)>,
+    time_base: TimeBase,
 }
 
 /// A delayed datagram on its way.
@@ -134,7 +135,18 @@ impl Network {
             closed: Vec::new(),
             delay: None,
             in_flight: VecDeque::new(),
+            time_base,
         }
+    }
+
+    /// A new participant in `peer`'s place (and on its addresses), about to join;
+    /// the one before must have left.
+    pub fn replace(&mut self, peer: usize, config: PeerConfig) {
+        let (publisher, subscriber) = (
+            leg_addr(peer, Leg::Publisher),
+            leg_addr(peer, Leg::Subscriber),
+        );
+        self.peers[peer] = Peer::new(config, self.time_base, publisher, subscriber, self.now);
     }
 
     /// True when `peer`'s subscriber leg is connected and has received at least
