@@ -29,6 +29,10 @@
 //! at one K is what a larger room adds to each forwarded packet: a lookup or a tick
 //! that scans a connection's streams shows up here.
 //!
+//! `K=4,after 50 visitors` is `K=4` once 50 participants have joined, published audio
+//! and video, and left: each subscriber connection then carries 100 inactive m-lines,
+//! and its ratio to `K=4` is what the departed still cost a packet.
+//!
 //! The last case, `rooms=12`, is shaped like the loadtest's meeting preset: twelve
 //! rooms of five, everyone publishing audio and video, every publisher's packets
 //! held and fed in the order they were sent. A batch then mixes many publishers, so
