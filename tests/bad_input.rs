@@ -1,5 +1,6 @@
 //! Bad input gets the PROTOCOL.md §5 code it deserves, the socket stays usable, and
 //! transport-level abuse gets the close code or HTTP status the protocol names.
+//! What a client gives that the server keeps (candidates) is bounded.
 
 mod common;
 
@@ -88,6 +89,51 @@ fn every_client_error_code() {
     for (join, msgs, code) in cases {
         expect_error(&server, *join, msgs, code);
     }
+}
+
+/// str0m keeps every candidate with a new address for the connection's life, so a
+/// connection gets at most 32 addresses, each in a line of at most 512 bytes.
+#[test]
+fn candidates_are_bounded_per_connection() {
+    let server = TestServer::start(&[]);
+    let room = "bad-candidates";
+    let mut ws = Ws::join(&server.ws_url(room), room, "u").0;
+    let candidate = |foundation: &str, port: usize| {
+        format!(
+            r#"{{"type":"candidate","candidate":"candidate:{foundation} 1 udp 2130706431 10.0.0.1 {port} typ host"}}"#
+        )
+    };
+    for i in 0..32 {
+        ws.send(&candidate("1", 5000 + i));
+    }
+    // An address given before is not another one.
+    ws.send(&candidate("2", 5000));
+    ws.send(r#"{"type":"ping","requestId":"after-32"}"#);
+    let reply = ws.recv();
+    assert_eq!(
+        (&reply["type"], &reply["requestId"]),
+        (&"pong".into(), &"after-32".into()),
+        "32 addresses are fine: {reply}"
+    );
+
+    ws.send(&candidate("1", 5032));
+    let reply = ws.recv_type("error");
+    assert_eq!(reply["code"], "invalid_field", "{reply}");
+    let message = reply["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("more than 32 candidate addresses"),
+        "{reply}"
+    );
+
+    let long = candidate(&"f".repeat(600), 6000);
+    ws.send(&long);
+    let reply = ws.recv_type("error");
+    assert_eq!(reply["code"], "invalid_field", "{reply}");
+    let message = reply["message"].as_str().unwrap_or_default();
+    assert!(message.contains("at most 512"), "{reply}");
+
+    ws.send(r#"{"type":"ping","requestId":"still-there"}"#);
+    assert_eq!(ws.recv_type("pong")["requestId"], "still-there");
 }
 
 #[test]

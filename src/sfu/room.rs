@@ -2,6 +2,7 @@
 //! receives. Plain data (and how a leg's `Rtc` is driven); the behaviour lives in
 //! `signaling.rs` and `media.rs`.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use hashbrown::HashMap;
@@ -10,7 +11,7 @@ use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid};
 use str0m::net::Receive;
 use str0m::rtp::Ssrc;
-use str0m::{Input, Rtc, RtcError};
+use str0m::{Candidate, Input, Rtc, RtcError};
 
 use crate::media::forward::Rewriter;
 use crate::media::keyframe::KeyframeRequests;
@@ -21,6 +22,14 @@ use crate::signaling::protocol::MediaState;
 
 /// A published track, identified room-wide by its publisher and its publisher-side mid.
 pub type TrackKey = (ConnId, Mid);
+
+/// Client candidate addresses one connection may give. str0m keeps every candidate
+/// with a new address for the connection's life; a browser gathers a few per network
+/// interface (host, server-reflexive, relayed).
+pub const MAX_CANDIDATES: usize = 32;
+/// Longest candidate line: RFC 8839's fields fit in far less (a foundation is at most
+/// 32 characters), and str0m keeps what it is given.
+pub const MAX_CANDIDATE_LEN: usize = 512;
 
 pub struct Room {
     pub session_id: String,
@@ -38,6 +47,8 @@ pub struct Leg {
     pub connected: bool,
     /// Written to in this round, so queued for its end-of-round tick (see `Sfu::touch`).
     pub touched: bool,
+    /// Addresses of the client's candidates handed to str0m (`MAX_CANDIDATES`).
+    pub candidates: Vec<SocketAddr>,
 }
 
 impl Leg {
@@ -45,6 +56,42 @@ impl Leg {
     /// this round writes).
     pub fn receive(&mut self, now: Instant, datagram: Receive) -> Result<(), RtcError> {
         self.rtc.handle_input(Input::Receive(now, datagram))
+    }
+
+    /// Admits the client's candidate lines (`candidate:…`, trickled or in an SDP)
+    /// unless one is too long or they would bring the connection past
+    /// `MAX_CANDIDATES` addresses; says which, if not.
+    pub fn admit_candidates<'a>(
+        &mut self,
+        lines: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), String> {
+        let before = self.candidates.len();
+        for line in lines {
+            let admitted = if line.len() > MAX_CANDIDATE_LEN {
+                Err(format!(
+                    "a candidate of {} bytes (at most {MAX_CANDIDATE_LEN})",
+                    line.len()
+                ))
+            } else {
+                match Candidate::from_sdp_string(line) {
+                    // str0m keeps no candidate it cannot read.
+                    Err(_) => Ok(()),
+                    Ok(c) if self.candidates.contains(&c.addr()) => Ok(()),
+                    Ok(_) if self.candidates.len() == MAX_CANDIDATES => Err(format!(
+                        "more than {MAX_CANDIDATES} candidate addresses on one connection"
+                    )),
+                    Ok(c) => {
+                        self.candidates.push(c.addr());
+                        Ok(())
+                    }
+                }
+            };
+            if let Err(e) = admitted {
+                self.candidates.truncate(before);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Ticks the `Rtc`: for a deadline that came due, and after writes, which str0m

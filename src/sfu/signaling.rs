@@ -125,6 +125,7 @@ impl Sfu {
                 scheduled: None,
                 connected: false,
                 touched: false,
+                candidates: Vec::new(),
             }
         };
         let publisher = leg(Role::Publisher);
@@ -229,7 +230,10 @@ impl Sfu {
                     Target::Subscriber => Side::Subscriber,
                 };
                 if let Some(p) = self.peers.get_mut(&conn) {
-                    p.leg_mut(side).rtc.add_remote_candidate(candidate);
+                    let leg = p.leg_mut(side);
+                    leg.admit_candidates([line])
+                        .map_err(|e| Refusal::new(ErrorCode::InvalidField, e))?;
+                    leg.rtc.add_remote_candidate(candidate);
                 }
                 self.drain((conn, side));
                 Ok(())
@@ -286,6 +290,9 @@ impl Sfu {
         let Some(p) = self.peers.get_mut(&conn) else {
             return Ok(());
         };
+        p.publisher
+            .admit_candidates(sdp_candidates(sdp))
+            .map_err(|e| Refusal::new(ErrorCode::InvalidField, e))?;
         let answer = p.publisher.rtc.sdp_api().accept_offer(offer).map_err(|e| {
             Refusal::new(ErrorCode::NegotiationFailed, format!("offer refused: {e}"))
         })?;
@@ -482,6 +489,9 @@ impl Sfu {
         let Some(p) = self.peers.get_mut(&conn) else {
             return Ok(());
         };
+        p.subscriber
+            .admit_candidates(sdp_candidates(sdp))
+            .map_err(|e| Refusal::new(ErrorCode::InvalidField, e))?;
         let Some(pending) = p.negotiation.pending.take() else {
             return Err(Refusal::new(
                 ErrorCode::NegotiationFailed,
@@ -660,6 +670,13 @@ fn msid_token(id: &str) -> String {
 }
 
 /// The parser's message without its memory addresses, on one line.
+/// The `candidate:…` values of an SDP's `a=candidate` lines.
+fn sdp_candidates(sdp: &str) -> impl Iterator<Item = &str> {
+    sdp.lines()
+        .filter_map(|l| l.trim().strip_prefix("a="))
+        .filter(|l| l.starts_with("candidate:"))
+}
+
 fn sdp_error(e: &impl std::fmt::Display) -> String {
     e.to_string()
         .lines()
