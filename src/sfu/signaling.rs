@@ -669,7 +669,6 @@ fn msid_token(id: &str) -> String {
     id.chars().filter(token).take(64).collect()
 }
 
-/// The parser's message without its memory addresses, on one line.
 /// The `candidate:…` values of an SDP's `a=candidate` lines.
 fn sdp_candidates(sdp: &str) -> impl Iterator<Item = &str> {
     sdp.lines()
@@ -677,6 +676,7 @@ fn sdp_candidates(sdp: &str) -> impl Iterator<Item = &str> {
         .filter(|l| l.starts_with("candidate:"))
 }
 
+/// The parser's message without its memory addresses, on one line.
 fn sdp_error(e: &impl std::fmt::Display) -> String {
     e.to_string()
         .lines()
