@@ -4,8 +4,9 @@
 //! right after another gets its own keyframe without a long throttle (and only once
 //! its connection is up), voice activity follows the audio level, a forwarded packet
 //! leaves in the batch that brought it, a late connection starts with live media, a
-//! shard whose socket drops datagrams stops asking publishers for resends, and the
-//! tracks of publishers who left leave no streams on a long-lived subscriber.
+//! shard whose socket drops datagrams stops asking publishers for resends, the
+//! tracks of publishers who left leave no streams on a long-lived subscriber, and a
+//! publisher that stops and starts again is forwarded each time.
 
 #[path = "sim/mod.rs"]
 mod sim;
@@ -457,4 +458,45 @@ fn publishers_that_left_leave_no_streams_on_a_long_lived_subscriber() {
             "{track:?}"
         );
     }
+}
+
+/// A publisher that stops and starts again (as apps toggle a camera or a screen share
+/// with `removeTrack` and `addTrack`) is forwarded each time: only its sending m-lines
+/// count as tracks. Its offers are refused once all its m-lines, stopped and inactive
+/// ones included, pass four per allowed track.
+#[test]
+fn a_publisher_that_stops_and_starts_again_is_forwarded_each_time() {
+    let mut net = Network::new(vec![peer("pub", true), peer("sub", false)]);
+    let videos = |net: &Network| {
+        let stats = net.peers[1].stats();
+        stats
+            .tracks
+            .iter()
+            .filter(|t| t.kind == MediaKind::Video && t.received > 0)
+            .count()
+    };
+    net.run_until("the first video", |net| videos(net) == 1);
+    let restart = |net: &mut Network| {
+        let now = net.now;
+        net.peers[0].set_publish(false, false, now);
+        net.run_until("the publisher's tracks are retired", |net| {
+            offered_publishers(net, 1).is_empty()
+        });
+        let now = net.now;
+        net.peers[0].set_publish(true, true, now);
+    };
+    // Each start adds an audio and a video m-line: 8 starts fill the 16 allowed.
+    for started in 2..=8 {
+        restart(&mut net);
+        net.run_until("the new video", |net| videos(net) == started);
+    }
+    assert!(net.peers[0].stats().errors.is_empty());
+
+    restart(&mut net);
+    net.run_until("the ninth start is refused", |net| {
+        net.peers[0].stats().has_error("too_many_tracks")
+    });
+    let stats = net.peers[0].stats();
+    let error = stats.errors.first().expect("the error");
+    assert!(error.message.contains("at most 16 m-lines"), "{error:?}");
 }
