@@ -50,7 +50,8 @@ struct Cli {
     #[arg(long)]
     join_rate: Option<f64>,
     /// Seconds each participant stays (±50 %) before leaving and being replaced
-    /// (churn preset: 8; otherwise everyone stays).
+    /// (churn preset: 8; otherwise everyone stays). The first participant of each
+    /// room stays throughout, to live through all of its room's renegotiations.
     #[arg(long, value_name = "SECONDS")]
     lifetime: Option<f64>,
     /// Worker threads, each one event loop.

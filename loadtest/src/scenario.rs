@@ -66,7 +66,8 @@ pub struct Scenario {
     /// Joins per second across all rooms.
     pub join_rate: f64,
     /// Churn: how long each participant stays (varied ±50 % per participant) before
-    /// leaving and being replaced. `None`: everyone stays for the whole run.
+    /// leaving and being replaced, except each room's first, who stays. `None`:
+    /// everyone stays for the whole run.
     #[serde(serialize_with = "optional_seconds")]
     pub lifetime: Option<Duration>,
     /// Worker threads, each an event loop over its share of the rooms.

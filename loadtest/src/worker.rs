@@ -357,7 +357,10 @@ impl Worker {
                 now,
             ))),
         };
-        let leave_at = scenario.lifetime.map(|lifetime| {
+        // The first seat of a room stays, so one session lives through every
+        // renegotiation its room's churn causes.
+        let lifetime = scenario.lifetime.filter(|_| seat.index != 0);
+        let leave_at = lifetime.map(|lifetime| {
             let seed =
                 (seat.room as u64) << 32 ^ (seat.index as u64) << 16 ^ u64::from(incarnation);
             now + lifetime.mul_f64(0.5 + unit_interval(seed))
