@@ -1,8 +1,13 @@
 //! Bad input gets the PROTOCOL.md §5 code it deserves, the socket stays usable, and
 //! transport-level abuse gets the close code or HTTP status the protocol names.
-//! What a client gives that the server keeps (candidates) is bounded.
+//! What a client gives that the server keeps (candidates) is bounded, and so is the
+//! time a request head may take.
 
 mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use common::{TestServer, Ws};
 use tungstenite::Message;
@@ -210,6 +215,40 @@ fn upgrade_request(server: &TestServer, origin: Option<&str>) -> u16 {
             server.addr
         ))
         .0
+}
+
+/// The request head has a deadline as a whole, not only per read: a client that
+/// sends it a byte a second (each read well within the per-read timeout) is cut off
+/// after 10 s, without an answer, instead of holding its connection for hours.
+#[test]
+fn a_request_head_sent_slowly_is_cut_off() {
+    let server = TestServer::start(&[]);
+    let mut tcp = TcpStream::connect(server.addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    tcp.write_all(b"GET /health HTTP/1.1\r\nX-Slow: ")
+        .expect("write");
+    let started = Instant::now();
+    let cut_off = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still connected after 20 s"
+        );
+        // The read's timeout paces the bytes.
+        if tcp.write_all(b"x").is_err() {
+            break started.elapsed();
+        }
+        match tcp.read(&mut [0; 256]) {
+            Ok(0) => break started.elapsed(),
+            Ok(n) => panic!("answered an unfinished head ({n} bytes)"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break started.elapsed(),
+        }
+    };
+    assert!(
+        cut_off > Duration::from_secs(8),
+        "cut off after {cut_off:?}: too early"
+    );
 }
 
 #[test]

@@ -12,8 +12,10 @@ use std::time::Duration;
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use futures::future::{Either, select};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use glommio::timer::Timer;
 use serde_json::json;
 use tracing::{debug, warn};
 
@@ -58,7 +60,13 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
     // Signaling is small messages sent as they happen. With Nagle's algorithm each
     // waited for the client's (delayed, 40 ms or more) acknowledgement of the last.
     stream.set_nodelay(true).ok();
-    let Some(head) = read_head(&mut stream).await else {
+    // The read timeout bounds each read; this bounds the whole head, or a client
+    // sending a byte every few seconds would hold its connection slot for hours.
+    let head = match select(Box::pin(read_head(&mut stream)), Timer::new(HEAD_TIMEOUT)).await {
+        Either::Left((head, _)) => head,
+        Either::Right(_) => None,
+    };
+    let Some(head) = head else {
         return;
     };
     let mut headers = [httparse::EMPTY_HEADER; 32];
