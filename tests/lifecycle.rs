@@ -5,8 +5,9 @@
 //! its connection is up), voice activity follows the audio level, a forwarded packet
 //! leaves in the batch that brought it, a late connection starts with live media, a
 //! shard whose socket drops datagrams stops asking publishers for resends, the
-//! tracks of publishers who left leave no streams on a long-lived subscriber, and a
-//! publisher that stops and starts again is forwarded each time.
+//! tracks of publishers who left leave no streams on a long-lived subscriber, a
+//! publisher that stops and starts again is forwarded each time, and one that moved
+//! to a new address and restarted ICE is forwarded again.
 
 #[path = "sim/mod.rs"]
 mod sim;
@@ -14,7 +15,7 @@ mod sim;
 use std::time::{Duration, Instant};
 
 use corelay_loadtest::{Leg, MediaKind, PeerConfig, TrackStats};
-use sim::{Network, is_rtp, leg_addr};
+use sim::{Network, is_rtp, leg_addr, moved_addr};
 
 fn peer(user: &str, publish: bool) -> PeerConfig {
     PeerConfig {
@@ -499,4 +500,28 @@ fn a_publisher_that_stops_and_starts_again_is_forwarded_each_time() {
     let stats = net.peers[0].stats();
     let error = stats.errors.first().expect("the error");
     assert!(error.message.contains("at most 16 m-lines"), "{error:?}");
+}
+
+/// A publisher whose network changed restarts ICE from its new address, as a
+/// browser's `restartIce()` does: the server answers with new credentials, learns
+/// the new address from the checks, and forwards its media again.
+#[test]
+fn a_publisher_that_moved_restarts_ice_and_is_forwarded_again() {
+    let mut net = Network::new(vec![peer("mover", true), peer("watcher", false)]);
+    net.run_until("video", |net| net.video_received(1) > 10);
+    net.gone.push(leg_addr(0, Leg::Publisher));
+    let now = net.now;
+    net.peers[0].move_publisher(moved_addr(0, Leg::Publisher), now);
+    let before = net.video_received(1);
+    net.run_until("video from the new address", |net| {
+        net.video_received(1) > before + 50
+    });
+    let stats = net.peers[0].stats();
+    assert!(
+        stats.errors.is_empty() && stats.violations.is_empty(),
+        "{:?} {:?}",
+        stats.errors,
+        stats.violations
+    );
+    assert!(net.closed.is_empty(), "{:?}", net.closed);
 }

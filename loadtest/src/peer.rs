@@ -518,6 +518,9 @@ pub struct Peer {
     pending_offer: Option<(SdpPendingOffer, String)>,
     /// The wanted tracks changed while an offer was outstanding.
     renegotiate: bool,
+    /// Where the publisher connection moves, and whether the offer that restarts ICE
+    /// for it went out: the move happens with its answer.
+    publisher_move: Option<(SocketAddr, bool)>,
     audio: Option<Publishing>,
     video: Option<Publishing>,
     audio_src: AudioSource,
@@ -576,6 +579,7 @@ impl Peer {
             join_request: String::new(),
             pending_offer: None,
             renegotiate: false,
+            publisher_move: None,
             audio: None,
             video: None,
             audio_src: AudioSource::new(seed),
@@ -641,6 +645,22 @@ impl Peer {
         self.config.publish_video = video;
         self.negotiate_publisher();
         self.drive(now, Touched::BOTH);
+    }
+
+    /// Moves the publisher connection to a new local address, as after a network
+    /// change, and restarts ICE on it (a browser's `restartIce()`).
+    pub fn move_publisher(&mut self, local: SocketAddr, now: Instant) {
+        self.publisher_move = Some((local, false));
+        self.negotiate_publisher();
+        self.drive(now, Touched::BOTH);
+    }
+
+    /// The local address of one leg's socket.
+    pub fn local_addr(&self, leg: Leg) -> SocketAddr {
+        match leg {
+            Leg::Publisher => self.publisher.local,
+            Leg::Subscriber => self.subscriber.local,
+        }
     }
 
     /// Changes the RFC 6464 level of subsequent audio packets (-127 silence .. 0).
@@ -1060,6 +1080,11 @@ impl Peer {
         if self.video.is_none() {
             self.video_src.pacer.stop();
         }
+        if let Some((_, offered)) = &mut self.publisher_move {
+            // The old address's candidate goes when the answer restarts the agent.
+            api.ice_restart(false);
+            *offered = true;
+        }
         let Some((offer, pending)) = api.apply() else {
             return;
         };
@@ -1095,6 +1120,13 @@ impl Peer {
         if let Err(e) = accepted {
             self.violation(format!("publisher answer not accepted: {e}"));
             return;
+        }
+        if let Some((local, true)) = self.publisher_move {
+            self.publisher_move = None;
+            self.publisher.local = local;
+            if let Ok(c) = Candidate::host(local, "udp") {
+                self.publisher.rtc.add_local_candidate(c);
+            }
         }
         for (slot, codec) in [
             (&mut self.audio, Codec::Opus),

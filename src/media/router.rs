@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use hashbrown::HashMap;
 use str0m::ice::StunMessage;
 
-/// Addresses one connection may be reached from (ICE may probe several candidates).
+/// Addresses one connection may be reached from (ICE may probe several candidates);
+/// past this the oldest is forgotten, so a client that keeps moving is still found.
 const MAX_ADDRS_PER_CONN: usize = 8;
 
 pub struct Router<K> {
@@ -34,6 +35,13 @@ impl<K: Copy + Eq + Hash> Router<K> {
     pub fn insert(&mut self, ufrag: String, key: K) {
         self.by_ufrag.insert(ufrag, key);
         self.addrs_of.insert(key, Vec::new());
+    }
+
+    /// An ICE restart gave the connection a new local ufrag; its addresses stay.
+    pub fn rename(&mut self, old: &str, new: String) {
+        if let Some(key) = self.by_ufrag.remove(old) {
+            self.by_ufrag.insert(new, key);
+        }
     }
 
     pub fn remove(&mut self, ufrag: &str, key: K) {
@@ -62,7 +70,13 @@ impl<K: Copy + Eq + Hash> Router<K> {
         let (local_ufrag, _) = stun.split_username()?;
         let key = *self.by_ufrag.get(local_ufrag)?;
         let addrs = self.addrs_of.get_mut(&key)?;
-        if !addrs.contains(&source) && addrs.len() < MAX_ADDRS_PER_CONN {
+        if !addrs.contains(&source) {
+            if addrs.len() == MAX_ADDRS_PER_CONN {
+                let oldest = addrs.remove(0);
+                if self.by_addr.get(&oldest) == Some(&key) {
+                    self.by_addr.remove(&oldest);
+                }
+            }
             addrs.push(source);
             self.by_addr.insert(source, key);
         }
@@ -108,5 +122,41 @@ mod tests {
             "forgotten with its connection"
         );
         assert_eq!(router.route(b, &srtp), Some(1));
+    }
+
+    #[test]
+    fn a_restarted_connection_is_found_by_its_new_ufrag_from_anywhere() {
+        let mut router = Router::default();
+        router.insert("old".into(), 1_u32);
+        let srtp = [0x80_u8, 0x60, 0, 1];
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(
+            router.route(addr(4000), &binding_request("old:cli")),
+            Some(1)
+        );
+
+        router.rename("old", "new".into());
+        assert_eq!(
+            router.route(addr(4000), &srtp),
+            Some(1),
+            "the address stays"
+        );
+        assert_eq!(router.route(addr(5000), &binding_request("old:cli")), None);
+        for port in 5001..=5010 {
+            assert_eq!(
+                router.route(addr(port), &binding_request("new:cli")),
+                Some(1)
+            );
+        }
+        assert_eq!(
+            router.route(addr(5010), &srtp),
+            Some(1),
+            "the newest is known"
+        );
+        assert_eq!(
+            router.route(addr(4000), &srtp),
+            None,
+            "the oldest is forgotten"
+        );
     }
 }

@@ -301,6 +301,13 @@ impl Sfu {
         let answer = p.publisher.rtc.sdp_api().accept_offer(offer).map_err(|e| {
             Refusal::new(ErrorCode::NegotiationFailed, format!("offer refused: {e}"))
         })?;
+        // An offer with new ICE credentials restarts ICE (a network change, say), and
+        // str0m answers with a new local ufrag: the client's checks will carry that.
+        let ufrag = p.publisher.rtc.direct_api().local_ice_credentials().ufrag;
+        if ufrag != p.publisher.ufrag {
+            let old = std::mem::replace(&mut p.publisher.ufrag, ufrag.clone());
+            self.router.rename(&old, ufrag);
+        }
         let answer = answer.to_sdp_string();
         debug!(conn, sdp = %answer, "publisher answer");
         self.send(

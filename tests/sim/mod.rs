@@ -26,6 +26,8 @@ use str0m::net::Transmit;
 pub const SFU_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 50_000);
 /// Client legs live on 127.0.0.2, two consecutive ports per peer.
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+/// A leg that moved (`moved_addr`) keeps its port on this address.
+const MOVED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const CLIENT_PORT_BASE: u16 = 10_000;
 /// Smallest clock step, so a deadline in the past cannot stall the loop.
 const MIN_STEP: Duration = Duration::from_millis(1);
@@ -41,9 +43,17 @@ pub fn leg_addr(peer: usize, leg: Leg) -> SocketAddr {
     SocketAddr::from((CLIENT_IP, port))
 }
 
+/// Where `peer`'s leg is after a network change.
+pub fn moved_addr(peer: usize, leg: Leg) -> SocketAddr {
+    SocketAddr::from((MOVED_IP, leg_addr(peer, leg).port()))
+}
+
 /// The peer and leg `addr` belongs to.
 fn leg_of(addr: SocketAddr) -> (usize, Leg) {
-    assert_eq!(addr.ip(), CLIENT_IP, "datagram to an unknown host {addr}");
+    assert!(
+        addr.ip() == CLIENT_IP || addr.ip() == MOVED_IP,
+        "datagram to an unknown host {addr}"
+    );
     let n = addr.port() - CLIENT_PORT_BASE;
     let leg = if n.is_multiple_of(2) {
         Leg::Publisher
@@ -70,6 +80,9 @@ pub struct Network {
     pub hold_all_from: Option<SocketAddr>,
     /// Peers cut off from the network: their datagrams are lost both ways.
     pub cut: Vec<bool>,
+    /// Client addresses gone from the network (a peer moved away): datagrams from or
+    /// to them are lost.
+    pub gone: Vec<SocketAddr>,
     /// Every n-th RTP datagram to this peer's subscriber leg is lost.
     pub lose_rtp_to: Option<(usize, u64)>,
     rtp_to_lossy: u64,
@@ -121,6 +134,7 @@ impl Network {
             now,
             sfu,
             cut: vec![false; peers.len()],
+            gone: Vec::new(),
             rtp_from: vec![HashMap::new(); peers.len()],
             peers,
             hold_rtp_of: Vec::new(),
@@ -255,7 +269,7 @@ impl Network {
                     moved = true;
                 }
                 while let Some(t) = self.peers[i].poll_transmit() {
-                    self.datagram_to_sfu(i, leg_addr(i, t.leg), t.contents);
+                    self.datagram_to_sfu(i, t.leg, t.contents);
                     moved = true;
                 }
             }
@@ -304,12 +318,13 @@ impl Network {
         self.sfu.handle_message(self.now, msg);
     }
 
-    fn datagram_to_sfu(&mut self, peer: usize, source: SocketAddr, contents: Vec<u8>) {
-        if self.cut[peer] {
+    fn datagram_to_sfu(&mut self, peer: usize, leg: Leg, contents: Vec<u8>) {
+        let source = self.peers[peer].local_addr(leg);
+        if self.cut[peer] || self.gone.contains(&source) {
             return;
         }
         if let (true, Some(&[a, b, c, d])) = (
-            is_rtp(&contents) && source == leg_addr(peer, Leg::Publisher),
+            is_rtp(&contents) && leg == Leg::Publisher,
             contents.get(8..12),
         ) {
             *self.rtp_from[peer]
@@ -351,7 +366,7 @@ impl Network {
     /// loses it.
     pub fn deliver(&mut self, t: Transmit) {
         let (peer, leg) = leg_of(t.destination);
-        if self.cut[peer] {
+        if self.cut[peer] || self.gone.contains(&t.destination) {
             return;
         }
         if let Some((lossy, every)) = self.lose_rtp_to
