@@ -130,7 +130,13 @@ fn rooms_stay_whole_and_spread_over_instances() {
     assert!(report.rates.server_forwarded_pps.is_some_and(|p| p > 0.0));
     assert!(report.server.cpu_us_per_forwarded_packet.is_some());
     assert!(report.table().contains("server instances"));
-    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    // Warnings about the harness's own CPU depend on what else the host runs (they
+    // start "THE HARNESS"); none about the server or the run may appear.
+    assert!(
+        report.warnings.iter().all(|w| w.starts_with("THE HARNESS")),
+        "{:?}",
+        report.warnings
+    );
 }
 
 #[test]
