@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use clap::Parser;
 use corelay::config::{Config, LogFormat};
 use corelay::server::Server;
+use tracing::error;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -22,8 +23,12 @@ fn main() -> std::process::ExitCode {
         Ok(server) => {
             // One line on stdout, for scripts and tests waiting for readiness.
             println!("listening http://{}", server.http_addr);
-            server.wait();
-            std::process::ExitCode::SUCCESS
+            if let Some((shard, panicked)) = server.wait() {
+                // Not whole any more (see `server`): exit for the service manager to
+                // restart us rather than serve without that shard.
+                error!(shard, panicked, "a shard stopped; exiting");
+            }
+            std::process::ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("corelay: could not start: {e}");

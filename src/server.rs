@@ -2,6 +2,11 @@
 //! reported before anything runs), then start one executor per shard. Shard 0's
 //! executor also runs the accept side: the HTTP listener and the hub that routes
 //! shard replies to WebSocket sessions.
+//!
+//! A shard never stops on its own. If one does (a panic, or a failed start), the
+//! server is no longer whole: its rooms are gone, joins hashed to it fail, and if it
+//! was shard 0 nothing accepts connections. So `wait` returns at the first shard to
+//! stop, and `main` exits with a failure for the service manager to restart it.
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -69,10 +74,43 @@ impl Server {
         })
     }
 
-    /// Blocks until every shard has stopped.
-    pub fn wait(self) {
-        for executor in self.executors {
-            let _ = executor.join();
-        }
+    /// Blocks until a shard stops; returns its index and whether it panicked.
+    pub fn wait(self) -> Option<(usize, bool)> {
+        let joins = self
+            .executors
+            .into_iter()
+            .map(|executor| move || executor.join());
+        first_to_end(joins).map(|(shard, ended)| (shard, ended.is_err()))
+    }
+}
+
+/// Runs each blocking `join` on a thread of its own and returns the first to end,
+/// with its index (`None` if there were none).
+fn first_to_end<R: Send + 'static>(
+    joins: impl IntoIterator<Item = impl FnOnce() -> R + Send + 'static>,
+) -> Option<(usize, R)> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for (index, join) in joins.into_iter().enumerate() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((index, join()));
+        });
+    }
+    drop(tx);
+    rx.recv().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_to_end;
+
+    #[test]
+    fn the_first_shard_to_stop_is_reported_with_how() {
+        let (_hold, held) = crossbeam_channel::bounded::<()>(0);
+        let running = move || held.recv().is_ok();
+        let panicking = || std::thread::spawn(|| panic!("a shard bug")).join().is_ok();
+        let joins: Vec<Box<dyn FnOnce() -> bool + Send>> =
+            vec![Box::new(running), Box::new(panicking)];
+        assert_eq!(first_to_end(joins), Some((1, false)));
     }
 }
