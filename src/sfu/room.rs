@@ -58,33 +58,29 @@ impl Leg {
         self.rtc.handle_input(Input::Receive(now, datagram))
     }
 
-    /// Admits the client's candidate lines (`candidate:…`, trickled or in an SDP)
-    /// unless one is too long or they would bring the connection past
-    /// `MAX_CANDIDATES` addresses; says which, if not.
+    /// Admits the client's candidates (trickled, or in an SDP) unless one is too long
+    /// or they would bring the connection past `MAX_CANDIDATES` addresses; says
+    /// which, if not.
     pub fn admit_candidates<'a>(
         &mut self,
-        lines: impl IntoIterator<Item = &'a str>,
+        candidates: impl IntoIterator<Item = &'a Candidate>,
     ) -> Result<(), String> {
         let before = self.candidates.len();
-        for line in lines {
-            let admitted = if line.len() > MAX_CANDIDATE_LEN {
+        for c in candidates {
+            let len = c.to_sdp_string().len();
+            let admitted = if len > MAX_CANDIDATE_LEN {
                 Err(format!(
-                    "a candidate of {} bytes (at most {MAX_CANDIDATE_LEN})",
-                    line.len()
+                    "a candidate of {len} bytes (at most {MAX_CANDIDATE_LEN})"
+                ))
+            } else if self.candidates.contains(&c.addr()) {
+                Ok(())
+            } else if self.candidates.len() == MAX_CANDIDATES {
+                Err(format!(
+                    "more than {MAX_CANDIDATES} candidate addresses on one connection"
                 ))
             } else {
-                match Candidate::from_sdp_string(line) {
-                    // str0m keeps no candidate it cannot read.
-                    Err(_) => Ok(()),
-                    Ok(c) if self.candidates.contains(&c.addr()) => Ok(()),
-                    Ok(_) if self.candidates.len() == MAX_CANDIDATES => Err(format!(
-                        "more than {MAX_CANDIDATES} candidate addresses on one connection"
-                    )),
-                    Ok(c) => {
-                        self.candidates.push(c.addr());
-                        Ok(())
-                    }
-                }
+                self.candidates.push(c.addr());
+                Ok(())
             };
             if let Err(e) = admitted {
                 self.candidates.truncate(before);

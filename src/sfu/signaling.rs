@@ -231,7 +231,7 @@ impl Sfu {
                 };
                 if let Some(p) = self.peers.get_mut(&conn) {
                     let leg = p.leg_mut(side);
-                    leg.admit_candidates([line])
+                    leg.admit_candidates([&candidate])
                         .map_err(|e| Refusal::new(ErrorCode::InvalidField, e))?;
                     leg.rtc.add_remote_candidate(candidate);
                 }
@@ -296,7 +296,7 @@ impl Sfu {
             return Ok(());
         };
         p.publisher
-            .admit_candidates(sdp_candidates(sdp))
+            .admit_candidates(&sdp_candidates(sdp))
             .map_err(|e| Refusal::new(ErrorCode::InvalidField, e))?;
         let answer = p.publisher.rtc.sdp_api().accept_offer(offer).map_err(|e| {
             Refusal::new(ErrorCode::NegotiationFailed, format!("offer refused: {e}"))
@@ -502,7 +502,7 @@ impl Sfu {
             return Ok(());
         };
         p.subscriber
-            .admit_candidates(sdp_candidates(sdp))
+            .admit_candidates(&sdp_candidates(sdp))
             .map_err(|e| Refusal::new(ErrorCode::InvalidField, e))?;
         let Some(pending) = p.negotiation.pending.take() else {
             return Err(Refusal::new(
@@ -706,11 +706,13 @@ fn media_sections(sdp: &str) -> (usize, usize) {
     (sections, live)
 }
 
-/// The `candidate:…` values of an SDP's `a=candidate` lines.
-fn sdp_candidates(sdp: &str) -> impl Iterator<Item = &str> {
+/// An SDP's `a=candidate` lines that str0m can read (and so keeps).
+fn sdp_candidates(sdp: &str) -> Vec<Candidate> {
     sdp.lines()
         .filter_map(|l| l.trim().strip_prefix("a="))
         .filter(|l| l.starts_with("candidate:"))
+        .filter_map(|l| Candidate::from_sdp_string(l).ok())
+        .collect()
 }
 
 /// The parser's message without its memory addresses, on one line.
