@@ -271,27 +271,30 @@ impl Sfu {
         request_id: Option<&str>,
         sdp: &str,
     ) -> Result<(), Refusal> {
-        let (sections, live) = media_sections(sdp);
-        if live > self.limits.tracks {
-            return Err(Refusal::new(
-                ErrorCode::TooManyTracks,
-                format!("at most {} tracks per participant", self.limits.tracks),
-            ));
-        }
-        // str0m keeps every m-line an offer ever had, stopped and inactive ones too.
-        let most = SECTIONS_PER_TRACK * self.limits.tracks;
-        if sections > most {
-            return Err(Refusal::new(
-                ErrorCode::TooManyTracks,
-                format!("at most {most} m-lines per offer, stopped and inactive ones included"),
-            ));
-        }
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| {
             Refusal::new(
                 ErrorCode::NegotiationFailed,
                 format!("unreadable offer: {}", sdp_error(&e)),
             )
         })?;
+        // Tracks are the sending m-lines (a live port, a sending direction). str0m
+        // keeps every m-line an offer ever had, stopped and inactive ones too, so
+        // those are bounded as well.
+        let media = || offer.media_lines.iter().filter(|m| m.typ.is_media());
+        let live = media().filter(|m| !m.disabled && m.direction().is_sending());
+        if live.count() > self.limits.tracks {
+            return Err(Refusal::new(
+                ErrorCode::TooManyTracks,
+                format!("at most {} tracks per participant", self.limits.tracks),
+            ));
+        }
+        let most = SECTIONS_PER_TRACK * self.limits.tracks;
+        if media().count() > most {
+            return Err(Refusal::new(
+                ErrorCode::TooManyTracks,
+                format!("at most {most} m-lines per offer, stopped and inactive ones included"),
+            ));
+        }
         let Some(p) = self.peers.get_mut(&conn) else {
             return Ok(());
         };
@@ -685,27 +688,6 @@ fn msid_token(id: &str) -> String {
 /// removed (inactive) or stopped and not recycled.
 const SECTIONS_PER_TRACK: usize = 4;
 
-/// An offer's audio and video m-lines: how many, and how many of them send (a port
-/// other than 0, and `sendonly`, `sendrecv` or no direction at all).
-fn media_sections(sdp: &str) -> (usize, usize) {
-    let mut sections = 0;
-    let mut live = 0;
-    let mut current: Option<bool> = None;
-    for line in sdp.lines().map(str::trim) {
-        if let Some(m) = line.strip_prefix("m=") {
-            live += usize::from(current.take() == Some(true));
-            if m.starts_with("audio ") || m.starts_with("video ") {
-                sections += 1;
-                current = Some(m.split(' ').nth(1) != Some("0"));
-            }
-        } else if matches!(line, "a=recvonly" | "a=inactive") {
-            current = current.map(|_| false);
-        }
-    }
-    live += usize::from(current == Some(true));
-    (sections, live)
-}
-
 /// An SDP's `a=candidate` lines that str0m can read (and so keeps).
 fn sdp_candidates(sdp: &str) -> Vec<Candidate> {
     sdp.lines()
@@ -731,24 +713,12 @@ fn fastrand_id() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{media_sections, msid_token};
+    use super::msid_token;
 
     #[test]
     fn msid_tokens_are_bounded_and_clean() {
         assert_eq!(msid_token("cam-1{x}"), "cam-1{x}");
         assert_eq!(msid_token("a b\"c:d/e~"), "abcde");
         assert_eq!(msid_token(&"x".repeat(500)).len(), 64);
-    }
-
-    #[test]
-    fn only_sending_m_lines_are_tracks() {
-        let sdp = "v=0\r\na=group:BUNDLE 0 1 2 3\r\n\
-            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendonly\r\n\
-            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\n\
-            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=inactive\r\n\
-            m=audio 0 UDP/TLS/RTP/SAVPF 111\r\na=mid:3\r\na=sendonly\r\n\
-            m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:4\r\n";
-        assert_eq!(media_sections(sdp), (4, 2));
-        assert_eq!(media_sections("v=0\r\n"), (0, 0));
     }
 }
