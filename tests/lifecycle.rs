@@ -68,7 +68,8 @@ fn a_silent_participant_is_removed_when_ice_consent_expires() {
     let gone = peer_id(&net, 2);
 
     // c's network dies; its WebSocket stays open, so only ICE can notice.
-    net.cut[2] = true;
+    net.gone
+        .extend([leg_addr(2, Leg::Publisher), leg_addr(2, Leg::Subscriber)]);
     net.run_until("c is removed", |net| net.closed.contains(&(2, 1011)));
     net.run_until("the others are told and renegotiated", |net| {
         (0..2).all(|i| {

@@ -78,10 +78,8 @@ pub struct Network {
     pub held: VecDeque<(SocketAddr, Vec<u8>)>,
     /// Every datagram from this client address waits in `held` too.
     pub hold_all_from: Option<SocketAddr>,
-    /// Peers cut off from the network: their datagrams are lost both ways.
-    pub cut: Vec<bool>,
-    /// Client addresses gone from the network (a peer moved away): datagrams from or
-    /// to them are lost.
+    /// Client addresses gone from the network (a peer cut off, or moved away):
+    /// datagrams from or to them are lost.
     pub gone: Vec<SocketAddr>,
     /// Every n-th RTP datagram to this peer's subscriber leg is lost.
     pub lose_rtp_to: Option<(usize, u64)>,
@@ -133,7 +131,6 @@ impl Network {
         Self {
             now,
             sfu,
-            cut: vec![false; peers.len()],
             gone: Vec::new(),
             rtp_from: vec![HashMap::new(); peers.len()],
             peers,
@@ -320,7 +317,7 @@ impl Network {
 
     fn datagram_to_sfu(&mut self, peer: usize, leg: Leg, contents: Vec<u8>) {
         let source = self.peers[peer].local_addr(leg);
-        if self.cut[peer] || self.gone.contains(&source) {
+        if self.gone.contains(&source) {
             return;
         }
         if let (true, Some(&[a, b, c, d])) = (
@@ -366,7 +363,7 @@ impl Network {
     /// loses it.
     pub fn deliver(&mut self, t: Transmit) {
         let (peer, leg) = leg_of(t.destination);
-        if self.cut[peer] || self.gone.contains(&t.destination) {
+        if self.gone.contains(&t.destination) {
             return;
         }
         if let Some((lossy, every)) = self.lose_rtp_to
