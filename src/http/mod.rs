@@ -56,12 +56,11 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
         let _ = respond(&mut stream, 503, "text/plain", b"at connection limit\n").await;
         return;
     }
-    stream.set_read_timeout(Some(HEAD_TIMEOUT)).ok();
     // Signaling is small messages sent as they happen. With Nagle's algorithm each
     // waited for the client's (delayed, 40 ms or more) acknowledgement of the last.
     stream.set_nodelay(true).ok();
-    // The read timeout bounds each read; this bounds the whole head, or a client
-    // sending a byte every few seconds would hold its connection slot for hours.
+    // A deadline for the whole head, not each read: a client sending a byte every
+    // few seconds would otherwise hold its connection slot for hours.
     let head = match select(Box::pin(read_head(&mut stream)), Timer::new(HEAD_TIMEOUT)).await {
         Either::Left((head, _)) => head,
         Either::Right(_) => None,
@@ -113,7 +112,6 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
             if stream.write_all(reply.as_bytes()).await.is_err() {
                 return;
             }
-            stream.set_read_timeout(None).ok();
             // Signaling messages are small: start with a 4 KiB read buffer (it grows to
             // the message size limit when needed) instead of tungstenite's 128 KiB.
             let config = WebSocketConfig::default()
