@@ -82,6 +82,12 @@ pub struct Config {
     #[arg(long, env = "MESSAGE_RATE", default_value_t = 50)]
     pub message_rate: u32,
 
+    /// Seconds after opening by which a WebSocket must be in a room (its `join`
+    /// accepted or pending); one that is not is closed with 1008, so sockets that
+    /// never join hold no connection slot.
+    #[arg(long, env = "JOIN_TIMEOUT", default_value_t = 30)]
+    pub join_timeout: u64,
+
     /// Bearer token guarding `/debug/rooms`; unset leaves it open.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,

@@ -1,7 +1,8 @@
 //! Bad input gets the PROTOCOL.md §5 code it deserves, the socket stays usable, and
 //! transport-level abuse gets the close code or HTTP status the protocol names.
 //! What a client gives that the server keeps (candidates) is bounded, and so is the
-//! time a request head may take.
+//! time a request head may take, a socket may stay outside a room, and a write to a
+//! client may wait.
 
 mod common;
 
@@ -259,6 +260,68 @@ fn a_request_head_sent_slowly_is_cut_off() {
         cut_off > Duration::from_secs(8),
         "cut off after {cut_off:?}: too early"
     );
+}
+
+/// A socket that is not in a room `--join-timeout` after opening is closed with 1008;
+/// one that joined in time stays.
+#[test]
+fn a_socket_that_never_joins_is_closed() {
+    let server = TestServer::start(&["--join-timeout", "1"]);
+    let (mut joined, _) = Ws::join(&server.ws_url("idle"), "idle", "a");
+    let mut idle = Ws::connect(&server.ws_url("idle"));
+    idle.send(r#"{"type":"ping"}"#);
+    idle.recv_type("pong");
+    assert_eq!(idle.close_code(), 1008);
+    // The joined socket's deadline passed first, and it is still served.
+    joined.send(r#"{"type":"ping"}"#);
+    joined.recv_type("pong");
+}
+
+/// A participant whose client stops reading (its TCP window full of replies) is
+/// dropped after the 10 s write deadline, and the room sees it leave, instead of its
+/// session waiting on the write forever.
+#[test]
+fn a_client_that_stops_reading_is_dropped() {
+    let server = TestServer::start(&[]);
+    let (mut observer, _) = Ws::join(&server.ws_url("stall"), "stall", "observer");
+    let (stalled, joined) = Ws::join(&server.ws_url("stall"), "stall", "stalled");
+    let peer = joined["peerId"].as_str().expect("peerId").to_owned();
+    observer.recv_type("peer_joined");
+    let tungstenite::stream::MaybeTlsStream::Plain(tcp) = stalled.0.get_ref() else {
+        panic!("plain TCP expected");
+    };
+    let mut tcp = tcp.try_clone().expect("clone");
+    // Masked one-byte text frames: each draws an `error` (bad JSON, then rate limited),
+    // written to a client that never reads. The writes stop going through once the
+    // server, stuck on its own write, stops reading too.
+    let frame = [0x81, 0x81, 0, 0, 0, 0, b'x'];
+    let frames: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * 10_000)
+        .collect();
+    tcp.set_write_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let writer = std::thread::spawn(move || {
+        for _ in 0..100 {
+            if tcp.write_all(&frames).is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = observer.0.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(40)))
+            .expect("timeout");
+    }
+    let left = observer.recv_type("peer_left");
+    assert_eq!(left["peerId"], peer);
+    assert!(
+        writer.join().expect("writer"),
+        "the server kept reading a client that never read its replies"
+    );
+    drop(stalled);
 }
 
 #[test]

@@ -10,9 +10,10 @@ use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
-use futures::future::{ready, select};
+use futures::future::{Either, ready, select};
 use futures::{StreamExt, stream};
 use glommio::net::TcpStream;
+use glommio::timer::Timer;
 use tracing::{Instrument, debug, info_span};
 
 use super::protocol::{self, ClientMsg, ErrorCode, Refusal, Request, ServerMsg};
@@ -22,12 +23,18 @@ use crate::shard::shard_for;
 
 /// How long a closing session waits for the client's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long one write to the client may take. A client that stops reading fills its
+/// TCP window and the write waits; past this the socket is dropped and the participant
+/// leaves, instead of the session (and its slot) waiting forever.
+const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
 enum Event {
     Client(Result<Message, WsError>),
     Shard(Outbound),
     /// The hub dropped our queue: we did not keep up with our replies.
     Overflow,
+    /// `--join-timeout` after opening; the socket must be in a room by then.
+    JoinDeadline,
 }
 
 /// Token bucket: `rate` messages per second, bursts up to twice that.
@@ -101,8 +108,17 @@ impl Session {
         let shard_events = replies
             .map(Event::Shard)
             .chain(stream::once(futures::future::ready(Event::Overflow)));
-        let mut events = stream::select(client.map(Event::Client), shard_events);
+        let join_deadline = stream::once(Timer::new(Duration::from_secs(
+            self.hub.config.join_timeout,
+        )))
+        .map(|_| Event::JoinDeadline);
+        let mut events = stream::select(
+            client.map(Event::Client),
+            stream::select(shard_events, join_deadline),
+        );
         let mut closed_by_server = false;
+        // The client stopped reading: nothing more can be written to it.
+        let mut stalled = false;
         // The close frame we answer with, if the server ends the session.
         let mut closing = None;
         while let Some(event) = events.next().await {
@@ -140,16 +156,27 @@ impl Session {
                     closing = Some(close(CloseCode::Policy, "not reading fast enough"));
                     break;
                 }
+                Event::JoinDeadline if self.joined == Joined::No => {
+                    closing = Some(close(CloseCode::Policy, "no join in time"));
+                    break;
+                }
+                Event::JoinDeadline => None,
             };
-            if let Some(text) = reply
-                && sink.send(Message::text(text)).await.is_err()
-            {
-                break;
+            if let Some(text) = reply {
+                match within_deadline(sink.send(Message::text(text))).await {
+                    Some(Ok(())) => {}
+                    Some(Err(_)) => break,
+                    None => {
+                        debug!("client stopped reading; dropping the socket");
+                        stalled = true;
+                        break;
+                    }
+                }
             }
         }
         let server_closes = closing.is_some();
-        let _ = sink.close(closing).await;
-        if server_closes {
+        let closed = !stalled && within_deadline(sink.close(closing)).await.is_some();
+        if closed && server_closes {
             // RFC 6455 §7.1.1: wait (briefly) for the client's close frame before
             // dropping TCP, or a message it sent meanwhile draws a reset that can
             // destroy our close frame before the client reads it.
@@ -157,7 +184,7 @@ impl Session {
                 .take_while(|e| ready(!matches!(e, Event::Client(Ok(Message::Close(_)) | Err(_)))))
                 .for_each(|_| ready(()));
             futures::pin_mut!(client_done);
-            let _ = select(client_done, glommio::timer::Timer::new(CLOSE_GRACE)).await;
+            let _ = select(client_done, Timer::new(CLOSE_GRACE)).await;
         }
         if let (Joined::Shard(shard), false) = (self.joined, closed_by_server)
             && let Some(handle) = self.hub.shards.get(shard)
@@ -260,6 +287,15 @@ impl Session {
             self.joined = Joined::Shard(shard);
         }
         None
+    }
+}
+
+/// `None` when the write did not finish within [`WRITE_DEADLINE`].
+async fn within_deadline<T>(write: impl Future<Output = T>) -> Option<T> {
+    futures::pin_mut!(write);
+    match select(write, Timer::new(WRITE_DEADLINE)).await {
+        Either::Left((done, _)) => Some(done),
+        Either::Right(_) => None,
     }
 }
 
