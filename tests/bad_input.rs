@@ -11,7 +11,6 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, Ws};
-use str0m::media::{Direction, MediaKind};
 use tungstenite::Message;
 
 /// Sends `msgs` on a fresh socket (joined first when `join` is set) and asserts the
@@ -40,22 +39,11 @@ fn expect_error(server: &TestServer, join: bool, msgs: &[&str], code: &str) {
     assert_eq!(pong["requestId"], "still-there");
 }
 
-/// A real publisher offer with five audio tracks, one more than allowed.
-fn five_track_offer() -> String {
-    let mut rtc = str0m::Rtc::new(Instant::now());
-    let mut api = rtc.sdp_api();
-    for _ in 0..5 {
-        api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-    }
-    let (offer, _) = api.apply().expect("an offer");
-    offer.to_sdp_string()
-}
-
 #[test]
 fn every_client_error_code() {
     let server = TestServer::start(&[]);
-    let too_many_tracks =
-        serde_json::json!({"type": "offer", "sdp": five_track_offer()}).to_string();
+    // A real publisher offer with one track more than allowed.
+    let too_many_tracks = common::audio_offer(5);
     let long_request_id = format!(r#"{{"type":"ping","requestId":"{}"}}"#, "r".repeat(65));
     let cases: &[(bool, &[&str], &str)] = &[
         (false, &["{not json"], "bad_json"),

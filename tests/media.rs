@@ -171,6 +171,29 @@ fn news_reaches_a_client_as_soon_as_the_newcomer_hears() {
     );
 }
 
+/// A newcomer hears of everyone already in a full room, however large the room is set
+/// to be: its queue of replies holds a whole replay (here 300 replies before the
+/// `pong`; a publisher's tracks would add one each).
+#[test]
+fn a_newcomer_to_a_large_room_hears_of_everyone() {
+    let server = TestServer::start(&["--max-room-participants", "300"]);
+    let url = server.ws_url("large");
+    let present: Vec<Ws> = (0..299)
+        .map(|i| Ws::join(&url, "large", &format!("u{i}")).0)
+        .collect();
+    let (mut newcomer, _) = Ws::join(&url, "large", "newcomer");
+    newcomer.send(r#"{"type":"ping"}"#);
+    let mut peers = 0;
+    loop {
+        match newcomer.recv()["type"].as_str() {
+            Some("peer_joined") => peers += 1,
+            Some("pong") => break,
+            _ => {}
+        }
+    }
+    assert_eq!(peers, present.len());
+}
+
 /// Two publishers in a room with media flowing, for tests that disturb the server
 /// and then check the room did not notice.
 struct CalmRoom {

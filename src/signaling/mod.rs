@@ -20,11 +20,13 @@ use hashbrown::HashMap;
 
 use crate::config::Config;
 use crate::metrics::AcceptMetrics;
+use crate::sfu::Limits;
 use crate::shard::ShardHandle;
 use crate::shard::mailbox::Mailbox;
 use crate::shard::messages::{ConnId, ToAccept};
 
-/// Replies one connection may have queued before it counts as too slow.
+/// Replies one connection may have queued, beyond a join's replay, before it counts
+/// as too slow.
 const OUTBOUND_QUEUE: usize = 256;
 
 /// What a session receives from its room shard.
@@ -43,6 +45,10 @@ pub struct Hub {
     pub port: u16,
     conns: RefCell<HashMap<ConnId, mpsc::Sender<Outbound>>>,
     next_conn: Cell<ConnId>,
+    /// Each connection's queue: [`OUTBOUND_QUEUE`] plus the longest join replay
+    /// (`joined`, then a `peer_joined` and a `track_published` per track for each
+    /// participant of a full room), which arrives all at once.
+    queue: usize,
 }
 
 impl Hub {
@@ -52,7 +58,9 @@ impl Hub {
         metrics: Arc<AcceptMetrics>,
         port: u16,
     ) -> Self {
+        let limits = Limits::from_config(&config);
         Self {
+            queue: OUTBOUND_QUEUE + 1 + limits.room_participants * (1 + limits.tracks),
             config,
             shards,
             metrics,
@@ -65,7 +73,7 @@ impl Hub {
     fn register(&self) -> (ConnId, mpsc::Receiver<Outbound>) {
         let conn = self.next_conn.get();
         self.next_conn.set(conn + 1);
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let (tx, rx) = mpsc::channel(self.queue);
         self.conns.borrow_mut().insert(conn, tx);
         (conn, rx)
     }

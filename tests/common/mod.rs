@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use corelay_loadtest::report::Report;
 use serde_json::Value;
+use str0m::media::{Direction, MediaKind};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
@@ -179,6 +180,17 @@ impl Ws {
         assert_eq!(joined["type"], "joined", "{joined}");
         (ws, joined)
     }
+}
+
+/// A real publisher `offer` message from str0m with `tracks` audio tracks.
+pub fn audio_offer(tracks: usize) -> String {
+    let mut rtc = str0m::Rtc::new(std::time::Instant::now());
+    let mut api = rtc.sdp_api();
+    for _ in 0..tracks {
+        api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    }
+    let (offer, _) = api.apply().expect("an offer");
+    serde_json::json!({"type": "offer", "sdp": offer.to_sdp_string()}).to_string()
 }
 
 /// What any harness run on loopback must show: nobody failed to join, everyone who had
