@@ -25,6 +25,7 @@ pub struct Counters {
     pub udp_tx_packets: u64,
     pub udp_tx_dropped: u64,
     pub udp_rx_dropped: u64,
+    pub signaling_dropped: u64,
     pub unrouted_packets: u64,
     pub keyframe_requests: u64,
     pub overloaded: u64,
@@ -146,6 +147,12 @@ const METRICS: &[Metric] = &[
         kind: "counter",
         help: "Datagrams the kernel dropped (receive buffer full: the shard fell behind).",
         get: |c| c.udp_rx_dropped,
+    },
+    Metric {
+        name: "rtc_signaling_dropped_total",
+        kind: "counter",
+        help: "Signaling replies dropped: the accept shard left too many untaken.",
+        get: |c| c.signaling_dropped,
     },
     Metric {
         name: "rtc_unrouted_packets_total",

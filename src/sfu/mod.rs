@@ -15,7 +15,7 @@ pub mod room;
 mod signaling;
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -79,8 +79,10 @@ pub struct Sfu {
     offers_due: Vec<ConnId>,
     /// Datagrams to send; the runtime flushes them.
     pub transmits: SendQueue,
-    /// Signaling to hand back to the accept shard.
-    pub to_accept: Vec<ToAccept>,
+    /// Signaling to hand back to the accept shard, oldest first. What its mailbox has
+    /// no room for waits here: a lost reply (an `offer`, a `Close`) would leave the
+    /// client and the room disagreeing for good.
+    pub to_accept: VecDeque<ToAccept>,
     pub counters: Counters,
 }
 
@@ -108,7 +110,7 @@ impl Sfu {
             doomed: Vec::new(),
             offers_due: Vec::new(),
             transmits: SendQueue::default(),
-            to_accept: Vec::new(),
+            to_accept: VecDeque::new(),
             counters: Counters::default(),
         })
     }
@@ -242,7 +244,7 @@ impl Sfu {
             for (conn, why) in std::mem::take(&mut self.doomed) {
                 self.counters.forced_disconnect += 1;
                 self.remove_participant(now, conn, why);
-                self.to_accept.push(ToAccept::Close {
+                self.to_accept.push_back(ToAccept::Close {
                     conn,
                     code: 1011,
                     reason: "media connection failed",

@@ -38,7 +38,7 @@ impl Sfu {
             } => {
                 if let Err(refusal) = self.join(now, conn, request_id.as_deref(), *join) {
                     self.counters.join_fail += 1;
-                    self.to_accept.push(ToAccept::JoinRefused {
+                    self.to_accept.push_back(ToAccept::JoinRefused {
                         conn,
                         text: error_text(&refusal, request_id.as_deref()),
                     });
@@ -65,7 +65,7 @@ impl Sfu {
     }
 
     fn send(&mut self, conn: ConnId, text: String) {
-        self.to_accept.push(ToAccept::Send { conn, text });
+        self.to_accept.push_back(ToAccept::Send { conn, text });
     }
 
     /// Sends to everyone in the room but `except`.
@@ -75,7 +75,7 @@ impl Sfu {
         };
         for &member in &room.members {
             if member != except {
-                self.to_accept.push(ToAccept::Send {
+                self.to_accept.push_back(ToAccept::Send {
                     conn: member,
                     text: text.to_owned(),
                 });
@@ -254,7 +254,7 @@ impl Sfu {
             }
             Signal::Leave => {
                 self.remove_participant(now, conn, "leave");
-                self.to_accept.push(ToAccept::Close {
+                self.to_accept.push_back(ToAccept::Close {
                     conn,
                     code: 1000,
                     reason: "left",

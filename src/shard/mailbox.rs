@@ -3,13 +3,16 @@
 //! The receiving executor must not busy-poll, so the sender rings an `AtomicWaker`
 //! after each push and the receiver parks on it when the channel is empty. The channel
 //! is bounded: a full mailbox is reported to the sender, who refuses the client's
-//! message rather than letting memory grow.
+//! message rather than letting memory grow, or keeps what must not be lost and tries
+//! again.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+pub use crossbeam_channel::TrySendError;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use futures::task::AtomicWaker;
 
 pub struct MailboxSender<T> {
@@ -54,17 +57,25 @@ pub fn mailbox<T>(capacity: usize) -> (MailboxSender<T>, Mailbox<T>) {
 }
 
 impl<T> MailboxSender<T> {
-    /// Never blocks. `Err` gives the message back when the mailbox is full or gone.
-    pub fn try_send(&self, msg: T) -> Result<(), T> {
+    /// Never blocks. `Err` gives the message back, saying whether the mailbox was
+    /// full or its receiver gone.
+    pub fn try_send(&self, msg: T) -> Result<(), TrySendError<T>> {
         let Some(tx) = &self.tx else {
-            return Err(msg);
+            return Err(TrySendError::Disconnected(msg));
         };
-        match tx.try_send(msg) {
-            Ok(()) => {
-                self.bell.wake();
-                Ok(())
+        tx.try_send(msg)?;
+        self.bell.wake();
+        Ok(())
+    }
+
+    /// Sends from the front of `queue` until the mailbox is full; the rest stay in
+    /// `queue`, in order, for the next call.
+    pub fn send_from(&self, queue: &mut VecDeque<T>) {
+        while let Some(msg) = queue.pop_front() {
+            if let Err(back) = self.try_send(msg) {
+                queue.push_front(back.into_inner());
+                return;
             }
-            Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => Err(msg),
         }
     }
 }
@@ -108,7 +119,22 @@ mod tests {
     fn full_mailbox_hands_the_message_back() {
         let (tx, _rx) = mailbox::<u32>(1);
         assert!(tx.try_send(1).is_ok());
-        assert_eq!(tx.try_send(2), Err(2));
+        assert_eq!(tx.try_send(2), Err(TrySendError::Full(2)));
+    }
+
+    #[test]
+    fn what_does_not_fit_waits_in_order() {
+        let (tx, rx) = mailbox::<u32>(2);
+        let mut queue = VecDeque::from([1, 2, 3]);
+        tx.send_from(&mut queue);
+        assert_eq!(queue, [3]);
+        queue.push_back(4);
+        let mut got = Vec::new();
+        futures::executor::block_on(rx.recv_batch(&mut got, 8));
+        tx.send_from(&mut queue);
+        assert!(queue.is_empty());
+        futures::executor::block_on(rx.recv_batch(&mut got, 8));
+        assert_eq!(got, [1, 2, 3, 4]);
     }
 
     #[test]

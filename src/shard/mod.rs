@@ -13,7 +13,8 @@
 //! how long the other two (and, on shard 0, the accept loop) wait under load.
 //!
 //! "Flush" is the same after each: send the queued datagrams with `sendmmsg`, pass
-//! signaling replies to the accept shard, publish counters, and wake the timer task if
+//! signaling replies to the accept shard (what its mailbox has no room for waits, and
+//! the timer task offers it again soon), publish counters, and wake the timer task if
 //! the next deadline moved earlier.
 
 pub mod mailbox;
@@ -48,6 +49,11 @@ pub const MAILBOX_CAPACITY: usize = 4096;
 const MAILBOX_BATCH: usize = 64;
 /// The timer task's longest sleep when no `Rtc` has a deadline.
 const IDLE_SLEEP: Duration = Duration::from_secs(1);
+/// How soon replies the accept shard's mailbox had no room for are offered again.
+const BACKLOG_RETRY: Duration = Duration::from_millis(1);
+/// Replies a shard keeps for the accept shard beyond its mailbox; past this (the
+/// accept shard stalled for long) the newest are dropped and counted.
+const BACKLOG_LIMIT: usize = 65_536;
 /// How long one task runs before the executor polls io_uring and lets the others
 /// run. Under load the UDP task always finds a datagram waiting and never parks, so
 /// glommio's 100 ms default held signaling, WebSocket I/O and str0m's timers back
@@ -222,10 +228,7 @@ impl Shard {
     async fn timer_task(self: Rc<Self>) {
         loop {
             let now = Instant::now();
-            let target = self
-                .sfu
-                .borrow()
-                .next_deadline()
+            let target = wake_at(&self.sfu.borrow(), now)
                 .unwrap_or(now + IDLE_SLEEP)
                 .min(now + IDLE_SLEEP);
             self.timer_target.set(target);
@@ -254,19 +257,31 @@ impl Shard {
         let (sent, _bytes) = sfu.transmits.flush(self.fd());
         sfu.counters.udp_tx_packets += sent;
         sfu.counters.udp_tx_dropped = sfu.transmits.dropped;
-        for msg in sfu.to_accept.drain(..) {
-            if self.to_accept.try_send(msg).is_err() {
-                warn!("accept shard mailbox full; signaling message dropped");
-            }
+        self.to_accept.send_from(&mut sfu.to_accept);
+        if sfu.to_accept.len() > BACKLOG_LIMIT {
+            let dropped = sfu.to_accept.len() - BACKLOG_LIMIT;
+            sfu.to_accept.truncate(BACKLOG_LIMIT);
+            sfu.counters.signaling_dropped += dropped as u64;
+            warn!(
+                dropped,
+                "accept shard not taking replies; signaling dropped"
+            );
         }
         self.metrics.publish(&sfu.counters);
-        if let Some(next) = sfu.next_deadline()
+        if let Some(next) = wake_at(&sfu, Instant::now())
             && next < self.timer_target.get()
         {
             self.timer_target.set(next);
             self.timer_wake.wake();
         }
     }
+}
+
+/// When the timer task must run next: the earliest str0m deadline, or soon if
+/// replies wait for room in the accept shard's mailbox.
+fn wake_at(sfu: &Sfu, now: Instant) -> Option<Instant> {
+    let retry = (!sfu.to_accept.is_empty()).then(|| now + BACKLOG_RETRY);
+    sfu.next_deadline().into_iter().chain(retry).min()
 }
 
 #[cfg(test)]

@@ -18,11 +18,15 @@ use tracing::{Instrument, debug, info_span};
 
 use super::protocol::{self, ClientMsg, ErrorCode, Refusal, Request, ServerMsg};
 use super::{Hub, Outbound};
+use crate::shard::mailbox::{MailboxSender, TrySendError};
 use crate::shard::messages::{ConnId, ToShard};
 use crate::shard::shard_for;
 
 /// How long a closing session waits for the client's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a session that ended waits before offering its `Disconnect` again to a
+/// full shard mailbox.
+const MAILBOX_RETRY: Duration = Duration::from_millis(5);
 /// How long one write to the client may take. A client that stops reading fills its
 /// TCP window and the write waits; past this the socket is dropped and the participant
 /// leaves, instead of the session (and its slot) waiting forever.
@@ -189,10 +193,7 @@ impl Session {
         if let (Joined::Shard(shard), false) = (self.joined, closed_by_server)
             && let Some(handle) = self.hub.shards.get(shard)
         {
-            // If the mailbox is full the participant still goes, by ICE timeout.
-            let _ = handle
-                .mailbox
-                .try_send(ToShard::Disconnect { conn: self.conn });
+            disconnect(&handle.mailbox, self.conn).await;
         }
     }
 
@@ -290,6 +291,18 @@ impl Session {
     }
 }
 
+/// Tells the shard the socket is gone, waiting for room in its mailbox: a lost
+/// `Disconnect` would leave the participant in its room until ICE consent expired,
+/// or for good if its media never connected. The session holds its connection slot
+/// meanwhile, so waiting sessions are bounded by `--max-connections`.
+async fn disconnect(mailbox: &MailboxSender<ToShard>, conn: ConnId) {
+    let mut msg = ToShard::Disconnect { conn };
+    while let Err(TrySendError::Full(back)) = mailbox.try_send(msg) {
+        msg = back;
+        Timer::new(MAILBOX_RETRY).await;
+    }
+}
+
 /// `None` when the write did not finish within [`WRITE_DEADLINE`].
 async fn within_deadline<T>(write: impl Future<Output = T>) -> Option<T> {
     futures::pin_mut!(write);
@@ -303,5 +316,38 @@ fn close(code: CloseCode, reason: &'static str) -> CloseFrame {
     CloseFrame {
         code,
         reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::mailbox::mailbox;
+
+    /// A socket that closes while its shard's mailbox is full still leaves its room:
+    /// the `Disconnect` waits for room instead of being dropped.
+    #[test]
+    fn a_disconnect_waits_for_room_in_a_full_mailbox() {
+        let ex = glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor");
+        ex.run(async {
+            let (tx, rx) = mailbox(1);
+            assert!(tx.try_send(ToShard::Disconnect { conn: 1 }).is_ok());
+            let leaving = glommio::spawn_local(async move { disconnect(&tx, 2).await });
+            let (mut got, mut batch) = (Vec::new(), Vec::new());
+            while rx.recv_batch(&mut batch, 4).await {
+                got.append(&mut batch);
+            }
+            leaving.await;
+            let conns: Vec<_> = got
+                .iter()
+                .map(|m| match m {
+                    ToShard::Disconnect { conn } => *conn,
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(conns, [1, 2]);
+        });
     }
 }
