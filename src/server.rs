@@ -22,8 +22,10 @@ use crate::shard::mailbox::mailbox;
 use crate::shard::{self, Extra};
 use crate::signaling::Hub;
 
-/// Replies from all shards waiting for the accept shard.
+/// Replies from all shards waiting for the accept shard, and the bytes of JSON they
+/// may hold (what does not fit waits on its shard).
 const ACCEPT_MAILBOX: usize = 65_536;
+const ACCEPT_MAILBOX_BYTES: usize = 256 << 20;
 
 pub struct Server {
     pub http_addr: SocketAddr,
@@ -37,7 +39,7 @@ impl Server {
         let handles: Vec<_> = prepared.iter().map(|p| p.handle.clone()).collect();
         let listener = StdTcpListener::bind(config.http_addr())?;
         let http_addr = listener.local_addr()?;
-        let (to_accept, accept_inbox) = mailbox(ACCEPT_MAILBOX);
+        let (to_accept, accept_inbox) = mailbox(ACCEPT_MAILBOX, ACCEPT_MAILBOX_BYTES);
 
         let accept_config = config.clone();
         let accept_handles = handles.clone();

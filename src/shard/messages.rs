@@ -4,6 +4,7 @@
 use futures::channel::oneshot;
 use serde::Serialize;
 
+use super::mailbox::Weigh;
 use crate::signaling::protocol::{Join, Signal};
 
 /// Identifies one WebSocket connection server-wide (assigned by the accept shard).
@@ -32,6 +33,35 @@ pub enum ToShard {
     },
 }
 
+impl Weigh for ToShard {
+    fn bytes(&self) -> usize {
+        let id = |request_id: &Option<String>| request_id.as_ref().map_or(0, String::len);
+        match self {
+            Self::Join {
+                request_id, join, ..
+            } => {
+                id(request_id)
+                    + join.session_id.len()
+                    + join.user_id.len()
+                    + join.ticket.as_ref().map_or(0, String::len)
+            }
+            Self::Signal {
+                request_id, signal, ..
+            } => {
+                id(request_id)
+                    + match signal.as_ref() {
+                        Signal::Offer { sdp } | Signal::Answer { sdp } => sdp.len(),
+                        Signal::Candidate(c) => {
+                            c.candidate.len() + c.sdp_mid.as_ref().map_or(0, String::len)
+                        }
+                        Signal::MediaState(_) | Signal::Leave => 0,
+                    }
+            }
+            Self::Disconnect { .. } | Self::Snapshot { .. } => 0,
+        }
+    }
+}
+
 /// Room shard → accept shard. Text is already serialized JSON, made on the room shard.
 #[derive(Debug)]
 pub enum ToAccept {
@@ -49,6 +79,15 @@ pub enum ToAccept {
         code: u16,
         reason: &'static str,
     },
+}
+
+impl Weigh for ToAccept {
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Send { text, .. } | Self::JoinRefused { text, .. } => text.len(),
+            Self::Close { .. } => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -45,6 +45,9 @@ use messages::{ToAccept, ToShard};
 
 /// Signaling messages a shard's mailbox holds before senders are refused.
 pub const MAILBOX_CAPACITY: usize = 4096;
+/// Bytes of SDP and other client text those messages may carry (without it, 4096
+/// offers of `--max-message-size` could hold a gigabyte).
+const MAILBOX_BYTES: usize = 64 << 20;
 /// Messages one mailbox drain takes before yielding to the packet path.
 const MAILBOX_BATCH: usize = 64;
 /// The timer task's longest sleep when no `Rtc` has a deadline.
@@ -97,7 +100,7 @@ pub fn prepare(config: &Config) -> std::io::Result<Vec<PreparedShard>> {
             let socket = StdUdpSocket::bind(config.udp_addr(index))?;
             udp::tune_socket(socket.as_raw_fd());
             let udp_addr = socket.local_addr()?;
-            let (tx, inbox) = mailbox(MAILBOX_CAPACITY);
+            let (tx, inbox) = mailbox(MAILBOX_CAPACITY, MAILBOX_BYTES);
             Ok(PreparedShard {
                 handle: ShardHandle {
                     index,

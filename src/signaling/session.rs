@@ -332,7 +332,7 @@ mod tests {
             .make()
             .expect("executor");
         ex.run(async {
-            let (tx, rx) = mailbox(1);
+            let (tx, rx) = mailbox(1, 1 << 20);
             assert!(tx.try_send(ToShard::Disconnect { conn: 1 }).is_ok());
             let leaving = glommio::spawn_local(async move { disconnect(&tx, 2).await });
             let (mut got, mut batch) = (Vec::new(), Vec::new());
