@@ -88,6 +88,12 @@ pub struct Config {
     #[arg(long, env = "JOIN_TIMEOUT", default_value_t = 30)]
     pub join_timeout: u64,
 
+    /// Seconds between WebSocket pings to each client (browsers answer on their
+    /// own); a client heard nothing from for two intervals, its TCP connection
+    /// silently gone, is closed with 1008. 0 sends no pings.
+    #[arg(long, env = "PING_INTERVAL", default_value_t = 20)]
+    pub ping_interval: u64,
+
     /// Bearer token guarding `/debug/rooms`; unset leaves it open.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,

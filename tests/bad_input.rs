@@ -1,8 +1,8 @@
 //! Bad input gets the PROTOCOL.md §5 code it deserves, the socket stays usable, and
 //! transport-level abuse gets the close code or HTTP status the protocol names.
 //! What a client gives that the server keeps (candidates) is bounded, and so is the
-//! time a request head may take, a socket may stay outside a room, and a write to a
-//! client may wait.
+//! time a request head may take, a socket may stay outside a room or unheard from, and
+//! a write to a client may wait.
 
 mod common;
 
@@ -310,6 +310,21 @@ fn a_client_that_stops_reading_is_dropped() {
         "the server kept reading a client that never read its replies"
     );
     drop(stalled);
+}
+
+/// The server pings every `--ping-interval`; a client it hears nothing from for two
+/// intervals (as when its network vanished without a FIN) is closed and leaves its
+/// room, while one that reads, and so answers the pings, stays.
+#[test]
+fn a_client_that_goes_quiet_is_closed() {
+    let server = TestServer::start(&["--ping-interval", "1"]);
+    let (mut observer, _) = Ws::join(&server.ws_url("quiet"), "quiet", "observer");
+    let (quiet, joined) = Ws::join(&server.ws_url("quiet"), "quiet", "quiet");
+    let left = observer.recv_type("peer_left");
+    assert_eq!(left["peerId"], joined["peerId"]);
+    observer.send(r#"{"type":"ping"}"#);
+    observer.recv_type("pong");
+    drop(quiet);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use futures::future::{Either, ready, select};
-use futures::{StreamExt, stream};
+use futures::{Stream, StreamExt, stream};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 use tracing::{Instrument, debug, info_span};
@@ -39,6 +39,8 @@ enum Event {
     Overflow,
     /// `--join-timeout` after opening; the socket must be in a room by then.
     JoinDeadline,
+    /// Every `--ping-interval`: ping the client, or close if it has gone quiet.
+    Keepalive,
 }
 
 /// Token bucket: `rate` messages per second, bursts up to twice that.
@@ -112,22 +114,25 @@ impl Session {
         let shard_events = replies
             .map(Event::Shard)
             .chain(stream::once(futures::future::ready(Event::Overflow)));
-        let join_deadline = stream::once(Timer::new(Duration::from_secs(
-            self.hub.config.join_timeout,
-        )))
-        .map(|_| Event::JoinDeadline);
-        let mut events = stream::select(
+        let events = stream::select(
             client.map(Event::Client),
-            stream::select(shard_events, join_deadline),
+            stream::select(shard_events, self.timers()),
         );
+        futures::pin_mut!(events);
+        let mut last_heard = Instant::now();
         let mut closed_by_server = false;
         // The client stopped reading: nothing more can be written to it.
         let mut stalled = false;
         // The close frame we answer with, if the server ends the session.
         let mut closing = None;
         while let Some(event) = events.next().await {
+            if let Event::Client(Ok(_)) = event {
+                last_heard = Instant::now();
+            }
             let reply = match event {
-                Event::Client(Ok(Message::Text(text))) => self.on_text(text.as_str()),
+                Event::Client(Ok(Message::Text(text))) => {
+                    self.on_text(text.as_str()).map(Message::text)
+                }
                 Event::Client(Ok(Message::Binary(_))) => {
                     closing = Some(close(
                         CloseCode::Unsupported,
@@ -146,10 +151,10 @@ impl Session {
                     debug!(error = %e, "websocket error");
                     break;
                 }
-                Event::Shard(Outbound::Text(text)) => Some(text),
+                Event::Shard(Outbound::Text(text)) => Some(Message::text(text)),
                 Event::Shard(Outbound::JoinRefused(text)) => {
                     self.joined = Joined::No;
-                    Some(text)
+                    Some(Message::text(text))
                 }
                 Event::Shard(Outbound::Close(code, reason)) => {
                     closed_by_server = true;
@@ -165,9 +170,15 @@ impl Session {
                     break;
                 }
                 Event::JoinDeadline => None,
+                Event::Keepalive if last_heard.elapsed() >= 2 * self.ping_interval() => {
+                    debug!("client went quiet; closing");
+                    closing = Some(close(CloseCode::Policy, "no reply to ping"));
+                    break;
+                }
+                Event::Keepalive => Some(Message::Ping(Default::default())),
             };
-            if let Some(text) = reply {
-                match within_deadline(sink.send(Message::text(text))).await {
+            if let Some(message) = reply {
+                match within_deadline(sink.send(message)).await {
                     Some(Ok(())) => {}
                     Some(Err(_)) => break,
                     None => {
@@ -195,6 +206,26 @@ impl Session {
         {
             disconnect(&handle.mailbox, self.conn).await;
         }
+    }
+
+    fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.hub.config.ping_interval)
+    }
+
+    /// The session's own clock: its join deadline, then a keepalive tick every
+    /// `--ping-interval` (none when it is 0).
+    fn timers(&self) -> impl Stream<Item = Event> + use<> {
+        let join_deadline = stream::once(Timer::new(Duration::from_secs(
+            self.hub.config.join_timeout,
+        )))
+        .map(|_| Event::JoinDeadline);
+        let interval = self.ping_interval();
+        let ticks = stream::unfold(interval, |interval| async move {
+            Timer::new(interval).await;
+            Some((Event::Keepalive, interval))
+        })
+        .take_while(move |_| ready(!interval.is_zero()));
+        stream::select(join_deadline, ticks)
     }
 
     /// Handles one client message; returns the local reply, if any.
