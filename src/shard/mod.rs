@@ -289,7 +289,33 @@ fn wake_at(sfu: &Sfu, now: Instant) -> Option<Instant> {
 
 #[cfg(test)]
 mod tests {
-    use super::shard_for;
+    use super::*;
+
+    /// Replies left waiting for the accept shard bring the timer task back within
+    /// [`BACKLOG_RETRY`], even on a shard with no str0m deadline at all.
+    #[test]
+    fn waiting_replies_wake_the_timer_task_soon() {
+        let limits = Limits {
+            room_participants: 1,
+            rooms: 1,
+            tracks: 1,
+        };
+        let mut sfu = Sfu::new(
+            0,
+            vec![SocketAddr::from(([127, 0, 0, 1], 1))],
+            limits,
+            Vec::new(),
+        )
+        .expect("sfu");
+        let now = Instant::now();
+        assert_eq!(wake_at(&sfu, now), None);
+        sfu.to_accept.push_back(ToAccept::Close {
+            conn: 1,
+            code: 1000,
+            reason: "",
+        });
+        assert_eq!(wake_at(&sfu, now), Some(now + BACKLOG_RETRY));
+    }
 
     #[test]
     fn shard_hash_is_stable_and_spreads() {
