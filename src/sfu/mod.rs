@@ -67,6 +67,8 @@ pub struct Sfu {
     overload: Overload,
     /// str0m deadlines; an entry is stale when its leg's `scheduled` differs.
     timers: BinaryHeap<Reverse<(Instant, LegKey)>>,
+    /// The timers one `handle_timeout` takes (reused, never shrunk).
+    due: Vec<(Instant, LegKey)>,
     /// RTP packets a publisher produced, waiting to fan out (reused, never shrunk).
     forward_queue: Vec<(ConnId, RtpPacket)>,
     /// Non-media events, handled after the packet path.
@@ -104,6 +106,7 @@ impl Sfu {
             router: Router::default(),
             overload: Overload::default(),
             timers: BinaryHeap::new(),
+            due: Vec::new(),
             forward_queue: Vec::with_capacity(256),
             events: Vec::new(),
             touched: Vec::with_capacity(256),
@@ -117,11 +120,19 @@ impl Sfu {
 
     /// Drives every leg whose deadline has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        // Take what is due first, then tick it. str0m clamps a timeout to the time of
+        // its last input, so a leg may ask for `now` again right after this tick; it
+        // waits for the next call and a later `now`, rather than spinning here on a
+        // clock that does not move.
+        let mut due = std::mem::take(&mut self.due);
         while let Some(Reverse((at, key))) = self.timers.peek().copied() {
             if at > now {
                 break;
             }
             self.timers.pop();
+            due.push((at, key));
+        }
+        for (at, key) in due.drain(..) {
             let Some(p) = self.peers.get_mut(&key.0) else {
                 continue;
             };
@@ -137,6 +148,7 @@ impl Sfu {
             }
             self.drain(key);
         }
+        self.due = due;
         let recovered = self.overload.settle(now);
         self.overload_changed(recovered);
         self.finish_round(now);

@@ -9,8 +9,8 @@
 //! - the mailbox task takes signaling from the accept shard, a bounded batch at a time;
 //! - the timer task sleeps until the `Sfu`'s next str0m deadline.
 //!
-//! The UDP task yields only when the executor's preempt timer says so, which bounds
-//! how long the other two (and, on shard 0, the accept loop) wait under load.
+//! The UDP and timer tasks yield only when the executor's preempt timer says so, which
+//! bounds how long the others (and, on shard 0, the accept loop) wait under load.
 //!
 //! "Flush" is the same after each: send the queued datagrams with `sendmmsg`, pass
 //! signaling replies to the accept shard (what its mailbox has no room for waits, and
@@ -252,6 +252,8 @@ impl Shard {
             }
             self.sfu.borrow_mut().handle_timeout(Instant::now());
             self.flush();
+            // Deadlines that are always due must not keep packets and signaling out.
+            glommio::yield_if_needed().await;
         }
     }
 
