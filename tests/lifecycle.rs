@@ -6,8 +6,9 @@
 //! leaves in the batch that brought it, a late connection starts with live media, a
 //! shard whose socket drops datagrams stops asking publishers for resends, the
 //! tracks of publishers who left leave no streams on a long-lived subscriber, a
-//! publisher that stops and starts again is forwarded each time, and one that moved
-//! to a new address and restarted ICE is forwarded again.
+//! publisher that stops and starts again is forwarded each time, one that moved to a
+//! new address and restarted ICE is forwarded again, and one that closed its
+//! connection leaves.
 
 #[path = "sim/mod.rs"]
 mod sim;
@@ -525,4 +526,24 @@ fn a_publisher_that_moved_restarts_ice_and_is_forwarded_again() {
         stats.violations
     );
     assert!(net.closed.is_empty(), "{:?}", net.closed);
+}
+
+/// A client that closes its publisher connection (a browser tab closing sends a DTLS
+/// close_notify before its WebSocket `leave` arrives) leaves the room, and the shard
+/// keeps serving the others.
+#[test]
+fn a_client_that_closes_its_connection_leaves() {
+    let mut net = Network::new(vec![peer("closer", true), peer("watcher", true)]);
+    net.run_until("video both ways", |net| {
+        net.video_received(0) > 10 && net.video_received(1) > 10
+    });
+    let gone = peer_id(&net, 0);
+    let now = net.now;
+    net.peers[0].close_connection(Leg::Publisher, now);
+    net.run_until("the closer is removed", |net| {
+        net.closed.contains(&(0, 1011))
+    });
+    net.run_until("the watcher is told", |net| {
+        net.peers[1].stats().peers_left.contains(&gone)
+    });
 }

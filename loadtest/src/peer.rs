@@ -655,6 +655,14 @@ impl Peer {
         self.drive(now, Touched::BOTH);
     }
 
+    /// Closes one connection as a browser does when its tab closes (`pc.close()`):
+    /// str0m sends the server a DTLS close_notify.
+    pub fn close_connection(&mut self, leg: Leg, now: Instant) {
+        // Closing an `Rtc` that is already closed does nothing.
+        let _ = self.endpoint(leg).rtc.close();
+        self.drive(now, Touched::BOTH);
+    }
+
     /// The local address of one leg's socket.
     pub fn local_addr(&self, leg: Leg) -> SocketAddr {
         match leg {

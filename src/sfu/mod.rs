@@ -307,6 +307,12 @@ impl Sfu {
                 // ICE consent expired: the client is gone without a word.
                 self.doomed.push((key.0, "ice disconnected"));
             }
+            (_, Event::Closed) => {
+                // A DTLS close_notify: the client closed the connection (`pc.close()`,
+                // or its tab closing). A closed `Rtc` never reports ICE again, so
+                // without this the participant would stay in its room.
+                self.doomed.push((key.0, "connection closed by client"));
+            }
             (Side::Publisher, Event::MediaAdded(added)) => {
                 self.track_added(key.0, added.mid, added.kind);
             }
