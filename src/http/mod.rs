@@ -12,15 +12,14 @@ use std::time::Duration;
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use futures::future::{Either, select};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
-use glommio::timer::Timer;
 use serde_json::json;
 use tracing::{debug, warn};
 
 use crate::metrics;
 use crate::shard::messages::ToShard;
+use crate::shard::within;
 use crate::signaling::{Hub, session};
 
 const DEMO_PAGE: &str = include_str!("demo.html");
@@ -61,11 +60,7 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
     stream.set_nodelay(true).ok();
     // A deadline for the whole head, not each read: a client sending a byte every
     // few seconds would otherwise hold its connection slot for hours.
-    let head = match select(Box::pin(read_head(&mut stream)), Timer::new(HEAD_TIMEOUT)).await {
-        Either::Left((head, _)) => head,
-        Either::Right(_) => None,
-    };
-    let Some(head) = head else {
+    let Some(head) = within(HEAD_TIMEOUT, read_head(&mut stream)).await.flatten() else {
         return;
     };
     let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -255,10 +250,8 @@ async fn debug_rooms(hub: &Hub) -> serde_json::Value {
             unanswered.push(shard.index);
             continue;
         }
-        let timeout = glommio::timer::sleep(SNAPSHOT_TIMEOUT);
-        futures::pin_mut!(timeout);
-        match futures::future::select(rx, timeout).await {
-            futures::future::Either::Left((Ok(list), _)) => rooms.extend(list),
+        match within(SNAPSHOT_TIMEOUT, rx).await {
+            Some(Ok(list)) => rooms.extend(list),
             _ => unanswered.push(shard.index),
         }
     }

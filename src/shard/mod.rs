@@ -282,6 +282,16 @@ impl Shard {
     }
 }
 
+/// `fut`'s output, or `None` if `limit` passed first (glommio's own `timeout` takes
+/// only futures of its `Result`).
+pub async fn within<T>(limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    futures::pin_mut!(fut);
+    match select(fut, Timer::new(limit)).await {
+        Either::Left((done, _)) => Some(done),
+        Either::Right(_) => None,
+    }
+}
+
 /// When the timer task must run next: the earliest str0m deadline, or soon if
 /// replies wait for room in the accept shard's mailbox.
 fn wake_at(sfu: &Sfu, now: Instant) -> Option<Instant> {

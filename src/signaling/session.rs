@@ -10,7 +10,7 @@ use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
-use futures::future::{Either, ready, select};
+use futures::future::ready;
 use futures::{Stream, StreamExt, stream};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
@@ -20,7 +20,7 @@ use super::protocol::{self, ClientMsg, ErrorCode, Refusal, Request, ServerMsg};
 use super::{Hub, Outbound};
 use crate::shard::mailbox::{MailboxSender, TrySendError};
 use crate::shard::messages::{ConnId, ToShard};
-use crate::shard::shard_for;
+use crate::shard::{shard_for, within};
 
 /// How long a closing session waits for the client's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -178,7 +178,7 @@ impl Session {
                 Event::Keepalive => Some(Message::Ping(Default::default())),
             };
             if let Some(message) = reply {
-                match within_deadline(sink.send(message)).await {
+                match within(WRITE_DEADLINE, sink.send(message)).await {
                     Some(Ok(())) => {}
                     Some(Err(_)) => break,
                     None => {
@@ -190,7 +190,7 @@ impl Session {
             }
         }
         let server_closes = closing.is_some();
-        let closed = !stalled && within_deadline(sink.close(closing)).await.is_some();
+        let closed = !stalled && within(WRITE_DEADLINE, sink.close(closing)).await.is_some();
         if closed && server_closes {
             // RFC 6455 §7.1.1: wait (briefly) for the client's close frame before
             // dropping TCP, or a message it sent meanwhile draws a reset that can
@@ -198,8 +198,7 @@ impl Session {
             let client_done = events
                 .take_while(|e| ready(!matches!(e, Event::Client(Ok(Message::Close(_)) | Err(_)))))
                 .for_each(|_| ready(()));
-            futures::pin_mut!(client_done);
-            let _ = select(client_done, Timer::new(CLOSE_GRACE)).await;
+            within(CLOSE_GRACE, client_done).await;
         }
         if let (Joined::Shard(shard), false) = (self.joined, closed_by_server)
             && let Some(handle) = self.hub.shards.get(shard)
@@ -331,15 +330,6 @@ async fn disconnect(mailbox: &MailboxSender<ToShard>, conn: ConnId) {
     while let Err(TrySendError::Full(back)) = mailbox.try_send(msg) {
         msg = back;
         Timer::new(MAILBOX_RETRY).await;
-    }
-}
-
-/// `None` when the write did not finish within [`WRITE_DEADLINE`].
-async fn within_deadline<T>(write: impl Future<Output = T>) -> Option<T> {
-    futures::pin_mut!(write);
-    match select(write, Timer::new(WRITE_DEADLINE)).await {
-        Either::Left((done, _)) => Some(done),
-        Either::Right(_) => None,
     }
 }
 
