@@ -245,7 +245,7 @@ test('two tabs see and hear each other through corelay', async (t) => {
     });
 
     await step('a tab that comes back is seen again', async () => {
-      // Bob's next offer stops the m-lines of alice's old tracks (port 0) and adds
+      // Bob's next offer sets the m-lines of alice's old tracks inactive and adds
       // her new ones: Chromium must take both, and decode the new video.
       const bob = tabs[1];
       const before = (await subscriberStats(bob.page)).video.framesDecoded;
