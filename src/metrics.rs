@@ -27,6 +27,7 @@ pub struct Counters {
     pub udp_rx_dropped: u64,
     pub signaling_dropped: u64,
     pub unrouted_packets: u64,
+    pub refused_ssrc_packets: u64,
     pub keyframe_requests: u64,
     pub overloaded: u64,
     pub overloads: u64,
@@ -159,6 +160,12 @@ const METRICS: &[Metric] = &[
         kind: "counter",
         help: "Datagrams that matched no connection.",
         get: |c| c.unrouted_packets,
+    },
+    Metric {
+        name: "rtc_rtp_ssrc_refused_total",
+        kind: "counter",
+        help: "RTP datagrams dropped: their connection had used up its allowance of SSRCs.",
+        get: |c| c.refused_ssrc_packets,
     },
     Metric {
         name: "rtc_keyframe_requests_total",

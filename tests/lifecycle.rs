@@ -7,8 +7,8 @@
 //! shard whose socket drops datagrams stops asking publishers for resends, the
 //! tracks of publishers who left leave no streams on a long-lived subscriber, a
 //! publisher that stops and starts again is forwarded each time, one that moved to a
-//! new address and restarted ICE is forwarded again, and one that closed its
-//! connection leaves.
+//! new address and restarted ICE is forwarded again, one that closed its connection
+//! leaves, and one that sends on ever-new SSRCs is held to its allowance.
 
 #[path = "sim/mod.rs"]
 mod sim;
@@ -546,4 +546,60 @@ fn a_client_that_closes_its_connection_leaves() {
     net.run_until("the watcher is told", |net| {
         net.peers[1].stats().peers_left.contains(&gone)
     });
+}
+
+#[test]
+fn a_client_that_sends_each_packet_on_a_new_ssrc_is_held_to_its_allowance() {
+    let mut net = Network::new(vec![
+        peer("rotator", true),
+        peer("steady", true),
+        peer("watcher", false),
+    ]);
+    net.run_until("everyone joined", |net| {
+        net.peers.iter().all(|p| p.peer_id().is_some())
+    });
+    let (rotator, steady) = (peer_id(&net, 0), peer_id(&net, 1));
+    let received = |net: &Network, from: &str, kind| {
+        net.peers[2]
+            .stats()
+            .track(from, kind)
+            .map_or(0, |t| t.received)
+    };
+    net.run_until("media from both publishers", |net| {
+        received(net, &rotator, MediaKind::Video) > 10
+            && received(net, &steady, MediaKind::Video) > 10
+    });
+    net.peers[0].rotate_audio_ssrc();
+    // At 50 audio packets a second, the allowance (128) goes in about 3 s.
+    net.run_until("new SSRCs are refused", |net| {
+        refused_ssrc_packets(net) > 50
+    });
+    let audio = received(&net, &rotator, MediaKind::Audio);
+    let video = [&rotator, &steady].map(|p| received(&net, p, MediaKind::Video));
+    let until = net.now + Duration::from_secs(2);
+    net.run_until("two more seconds", |net| net.now >= until);
+    assert_eq!(
+        received(&net, &rotator, MediaKind::Audio),
+        audio,
+        "audio on new SSRCs is no longer forwarded"
+    );
+    // The rotator's video keeps its SSRC, so it still flows, as does everyone else's.
+    for (p, before) in [&rotator, &steady].into_iter().zip(video) {
+        assert!(
+            received(&net, p, MediaKind::Video) > before + 50,
+            "video from {p}"
+        );
+    }
+}
+
+fn refused_ssrc_packets(net: &Network) -> u64 {
+    net.metrics()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("rtc_rtp_ssrc_refused_total{shard=\"0\"}")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }

@@ -521,6 +521,8 @@ pub struct Peer {
     /// Where the publisher connection moves, and whether the offer that restarts ICE
     /// for it went out: the move happens with its answer.
     publisher_move: Option<(SocketAddr, bool)>,
+    /// Each audio packet goes out on a new SSRC (see [`Peer::rotate_audio_ssrc`]).
+    rotate_audio_ssrc: bool,
     audio: Option<Publishing>,
     video: Option<Publishing>,
     audio_src: AudioSource,
@@ -580,6 +582,7 @@ impl Peer {
             pending_offer: None,
             renegotiate: false,
             publisher_move: None,
+            rotate_audio_ssrc: false,
             audio: None,
             video: None,
             audio_src: AudioSource::new(seed),
@@ -661,6 +664,12 @@ impl Peer {
         // Closing an `Rtc` that is already closed does nothing.
         let _ = self.endpoint(leg).rtc.close();
         self.drive(now, Touched::BOTH);
+    }
+
+    /// Sends every later audio packet on a new SSRC, as a hostile client might: each
+    /// one is a new stream to the server.
+    pub fn rotate_audio_ssrc(&mut self) {
+        self.rotate_audio_ssrc = true;
     }
 
     /// The local address of one leg's socket.
@@ -1276,6 +1285,11 @@ impl Peer {
                 self.generation.media += 1;
                 self.sent.audio_packets += 1;
                 self.sent.bytes += p.payload.len() as u64;
+                if self.rotate_audio_ssrc {
+                    let mut api = self.publisher.rtc.direct_api();
+                    let ssrc = api.new_ssrc();
+                    api.reset_stream_tx(mid, None, ssrc, None);
+                }
                 write_rtp(
                     &mut self.publisher.rtc,
                     mid,

@@ -1,8 +1,9 @@
 //! Media building blocks the shard's packet path (`crate::sfu`) is made of: demuxing
 //! datagrams to connections (`router`), per-subscriber rewriting (`forward`), voice
 //! activity (`speaking`), when to ask for keyframes (`keyframe`), how long to keep
-//! packets for NACKs (`resend`), str0m configuration (`rtc`), batched socket IO (`udp`)
-//! and telling when the shard is behind its socket (`overload`).
+//! packets for NACKs (`resend`), how many RTP streams a connection may open (`ssrcs`),
+//! str0m configuration (`rtc`), batched socket IO (`udp`) and telling when the shard
+//! is behind its socket (`overload`).
 
 pub mod dtls;
 pub mod forward;
@@ -12,4 +13,5 @@ pub mod resend;
 pub mod router;
 pub mod rtc;
 pub mod speaking;
+pub mod ssrcs;
 pub mod udp;

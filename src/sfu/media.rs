@@ -1,8 +1,9 @@
 //! The packet path, socket to socket:
 //!
 //! 1. `handle_datagrams`: each datagram of a receive batch is routed in O(1)
-//!    (`media::router`) to its `Rtc`, which decrypts it; the `Rtc` is drained and
-//!    any RTP packets it produced queue up in `forward_queue`.
+//!    (`media::router`) to its `Rtc`, which decrypts it (unless it is RTP on an SSRC
+//!    past the connection's allowance, `media::ssrcs`); the `Rtc` is drained and any
+//!    RTP packets it produced queue up in `forward_queue`.
 //! 2. `forward_all`: each queued packet fans out to the track's subscribers. Per
 //!    subscriber, `media::forward::Rewriter` maps the payload type and rebases the
 //!    sequence number, and the payload (an `Arc<[u8]>`) is shared, not copied.
@@ -22,13 +23,14 @@ use std::time::{Duration, Instant};
 use str0m::media::{KeyframeRequestKind, MediaKind};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Sfu;
 use super::room::{Payload, Side, TrackKey};
 use crate::media::forward::is_keyframe_start;
 use crate::media::keyframe::Need;
 use crate::media::rtc::payload_of;
+use crate::media::ssrcs::MAX_SSRCS;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::ServerMsg;
 
@@ -54,7 +56,18 @@ impl Sfu {
             let Some(p) = self.peers.get_mut(&key.0) else {
                 continue;
             };
-            if let Err(e) = p.leg_mut(key.1).receive(now, receive) {
+            let leg = p.leg_mut(key.1);
+            if !leg.ssrcs.admits(data) {
+                self.counters.refused_ssrc_packets += 1;
+                if leg.ssrcs.refused() == 1 {
+                    warn!(
+                        conn = key.0,
+                        "RTP on more than {MAX_SSRCS} SSRCs: the rest is dropped"
+                    );
+                }
+                continue;
+            }
+            if let Err(e) = leg.receive(now, receive) {
                 debug!(conn = key.0, error = %e, "rtc refused a datagram");
                 continue;
             }

@@ -17,6 +17,7 @@ use crate::media::forward::Rewriter;
 use crate::media::keyframe::KeyframeRequests;
 use crate::media::resend::ResendWindow;
 use crate::media::speaking::SpeakingDetector;
+use crate::media::ssrcs::SsrcAllowance;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::MediaState;
 
@@ -49,6 +50,8 @@ pub struct Leg {
     pub touched: bool,
     /// Addresses of the client's candidates handed to str0m (`MAX_CANDIDATES`).
     pub candidates: Vec<SocketAddr>,
+    /// The SSRCs the client sent RTP on (`media::ssrcs`).
+    pub ssrcs: SsrcAllowance,
 }
 
 impl Leg {

@@ -21,6 +21,7 @@ use crate::media::forward::Rewriter;
 use crate::media::keyframe::{KeyframeRequests, Need};
 use crate::media::resend::ResendWindow;
 use crate::media::rtc::{Role, pt_for};
+use crate::media::ssrcs::SsrcAllowance;
 use crate::shard::messages::{
     ConnId, ParticipantSnapshot, RoomSnapshot, ToAccept, ToShard, TrackSnapshot,
 };
@@ -126,6 +127,7 @@ impl Sfu {
                 connected: false,
                 touched: false,
                 candidates: Vec::new(),
+                ssrcs: SsrcAllowance::default(),
             }
         };
         let publisher = leg(Role::Publisher);
