@@ -28,6 +28,7 @@ pub struct Counters {
     pub signaling_dropped: u64,
     pub unrouted_packets: u64,
     pub refused_ssrc_packets: u64,
+    pub refused_rate_packets: u64,
     pub keyframe_requests: u64,
     pub overloaded: u64,
     pub overloads: u64,
@@ -166,6 +167,12 @@ const METRICS: &[Metric] = &[
         kind: "counter",
         help: "RTP datagrams dropped: their connection had used up its allowance of SSRCs.",
         get: |c| c.refused_ssrc_packets,
+    },
+    Metric {
+        name: "rtc_udp_rate_refused_total",
+        kind: "counter",
+        help: "Datagrams dropped: their connection sent more than its allowance a second.",
+        get: |c| c.refused_rate_packets,
     },
     Metric {
         name: "rtc_keyframe_requests_total",

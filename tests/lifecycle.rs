@@ -8,7 +8,7 @@
 //! tracks of publishers who left leave no streams on a long-lived subscriber, a
 //! publisher that stops and starts again is forwarded each time, one that moved to a
 //! new address and restarted ICE is forwarded again, one that closed its connection
-//! leaves, and one that sends on ever-new SSRCs is held to its allowance.
+//! leaves, and one that sends on ever-new SSRCs, or floods, is held to its allowance.
 
 #[path = "sim/mod.rs"]
 mod sim;
@@ -592,14 +592,58 @@ fn a_client_that_sends_each_packet_on_a_new_ssrc_is_held_to_its_allowance() {
     }
 }
 
+#[test]
+fn a_client_that_floods_is_held_to_its_rate() {
+    let mut flooder = peer("flooder", true);
+    // About 10,000 full-size video packets a second, twice the allowance.
+    flooder.media.video_kbps = 100_000;
+    let mut net = Network::new(vec![flooder, peer("steady", true), peer("watcher", false)]);
+    net.run_until("everyone joined", |net| {
+        net.peers.iter().all(|p| p.peer_id().is_some())
+    });
+    let (flooder, steady) = (peer_id(&net, 0), peer_id(&net, 1));
+    let received = |net: &Network, from: &str| {
+        net.peers[2]
+            .stats()
+            .track(from, MediaKind::Video)
+            .map_or(0, |t| t.received)
+    };
+    net.run_until("the flood is refused", |net| {
+        refused(net, "rtc_udp_rate_refused_total") > 1_000
+    });
+    let before = [&flooder, &steady].map(|p| received(&net, p));
+    let sent_before = net.peers[0].sent().video_packets;
+    let start = net.now;
+    net.run_until("three more seconds", |net| {
+        net.now >= start + Duration::from_secs(3)
+    });
+    let flooded = received(&net, &flooder) - before[0];
+    // Three seconds may touch four of the allowance's windows; RTCP and STUN share it.
+    assert!(
+        (5_000..=4 * 5_000).contains(&flooded),
+        "{flooded} of the flooder's packets forwarded in 3 s"
+    );
+    let sent = net.peers[0].sent().video_packets - sent_before;
+    assert!(sent > 2 * flooded, "the flooder sent {sent} in 3 s");
+    let steady_video = net.peers[2].stats();
+    let steady_video = steady_video
+        .track(&steady, MediaKind::Video)
+        .expect("steady video");
+    assert!(
+        steady_video.received > before[1] + 50,
+        "the steady publisher still flows"
+    );
+    assert_eq!(steady_video.lost, 0, "and loses nothing");
+}
+
 fn refused_ssrc_packets(net: &Network) -> u64 {
+    refused(net, "rtc_rtp_ssrc_refused_total")
+}
+
+fn refused(net: &Network, metric: &str) -> u64 {
+    let series = format!("{metric}{{shard=\"0\"}}");
     net.metrics()
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("rtc_rtp_ssrc_refused_total{shard=\"0\"}")?
-                .trim()
-                .parse()
-                .ok()
-        })
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
         .unwrap_or(0)
 }

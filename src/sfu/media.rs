@@ -1,9 +1,9 @@
 //! The packet path, socket to socket:
 //!
 //! 1. `handle_datagrams`: each datagram of a receive batch is routed in O(1)
-//!    (`media::router`) to its `Rtc`, which decrypts it (unless it is RTP on an SSRC
-//!    past the connection's allowance, `media::ssrcs`); the `Rtc` is drained and any
-//!    RTP packets it produced queue up in `forward_queue`.
+//!    (`media::router`) to its `Rtc`, which decrypts it (unless the client sent more
+//!    than it may, `media::admission`); the `Rtc` is drained and any RTP packets it
+//!    produced queue up in `forward_queue`.
 //! 2. `forward_all`: each queued packet fans out to the track's subscribers. Per
 //!    subscriber, `media::forward::Rewriter` maps the payload type and rebases the
 //!    sequence number, and the payload (an `Arc<[u8]>`) is shared, not copied.
@@ -27,10 +27,10 @@ use tracing::{debug, warn};
 
 use super::Sfu;
 use super::room::{Payload, Side, TrackKey};
+use crate::media::admission::Refusal;
 use crate::media::forward::is_keyframe_start;
 use crate::media::keyframe::Need;
 use crate::media::rtc::payload_of;
-use crate::media::ssrcs::MAX_SSRCS;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::ServerMsg;
 
@@ -57,13 +57,13 @@ impl Sfu {
                 continue;
             };
             let leg = p.leg_mut(key.1);
-            if !leg.ssrcs.admits(data) {
-                self.counters.refused_ssrc_packets += 1;
-                if leg.ssrcs.refused() == 1 {
-                    warn!(
-                        conn = key.0,
-                        "RTP on more than {MAX_SSRCS} SSRCs: the rest is dropped"
-                    );
+            if let Err(refusal) = leg.admission.admit(now, data) {
+                match refusal {
+                    Refusal::Ssrc => self.counters.refused_ssrc_packets += 1,
+                    Refusal::Rate => self.counters.refused_rate_packets += 1,
+                }
+                if leg.admission.refusals() == 1 {
+                    warn!(conn = key.0, "dropping a client's datagrams: {refusal}");
                 }
                 continue;
             }

@@ -13,11 +13,11 @@ use str0m::net::Receive;
 use str0m::rtp::Ssrc;
 use str0m::{Candidate, Input, Rtc, RtcError};
 
+use crate::media::admission::Admission;
 use crate::media::forward::Rewriter;
 use crate::media::keyframe::KeyframeRequests;
 use crate::media::resend::ResendWindow;
 use crate::media::speaking::SpeakingDetector;
-use crate::media::ssrcs::SsrcAllowance;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::MediaState;
 
@@ -50,8 +50,8 @@ pub struct Leg {
     pub touched: bool,
     /// Addresses of the client's candidates handed to str0m (`MAX_CANDIDATES`).
     pub candidates: Vec<SocketAddr>,
-    /// The SSRCs the client sent RTP on (`media::ssrcs`).
-    pub ssrcs: SsrcAllowance,
+    /// What the client's datagrams may still do (`media::admission`).
+    pub admission: Admission,
 }
 
 impl Leg {

@@ -17,11 +17,11 @@ use super::room::{
     Leg, Negotiation, Participant, PendingOffer, PublishedTrack, Room, Side, Source, Subscription,
     TrackKey, kind_str,
 };
+use crate::media::admission::Admission;
 use crate::media::forward::Rewriter;
 use crate::media::keyframe::{KeyframeRequests, Need};
 use crate::media::resend::ResendWindow;
 use crate::media::rtc::{Role, pt_for};
-use crate::media::ssrcs::SsrcAllowance;
 use crate::shard::messages::{
     ConnId, ParticipantSnapshot, RoomSnapshot, ToAccept, ToShard, TrackSnapshot,
 };
@@ -127,7 +127,7 @@ impl Sfu {
                 connected: false,
                 touched: false,
                 candidates: Vec::new(),
-                ssrcs: SsrcAllowance::default(),
+                admission: Admission::new(now),
             }
         };
         let publisher = leg(Role::Publisher);
