@@ -106,7 +106,7 @@ impl Admission {
 
 /// The SSRC of an RTP datagram: RFC 7983's range for RTP and RTCP, minus RTCP's packet
 /// types (RFC 5761 §4).
-fn rtp_ssrc(datagram: &[u8]) -> Option<u32> {
+pub fn rtp_ssrc(datagram: &[u8]) -> Option<u32> {
     match datagram {
         [b0, b1, _, _, _, _, _, _, s0, s1, s2, s3, ..]
             if (128..=191).contains(b0) && !(64..=95).contains(&(b1 & 0x7f)) =>

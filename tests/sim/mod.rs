@@ -15,6 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use corelay::media::admission::rtp_ssrc;
 use corelay::metrics::{self, AcceptMetrics, ShardMetrics};
 use corelay::sfu::{Limits, Sfu};
 use corelay::shard::messages::{ConnId, ParticipantSnapshot, ToAccept, ToShard};
@@ -65,7 +66,7 @@ fn leg_of(addr: SocketAddr) -> (usize, Leg) {
 
 /// RTP, as opposed to RTCP (RFC 5761 §4), STUN or DTLS (RFC 7983).
 pub fn is_rtp(datagram: &[u8]) -> bool {
-    matches!(datagram, [b0, b1, ..] if (128..=191).contains(b0) && !(64..=95).contains(&(b1 & 0x7f)))
+    rtp_ssrc(datagram).is_some()
 }
 
 /// The SFU, its clients, the clock they share, and what the network does to packets.
