@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::shard::watchdog::Pulse;
+
 /// Counters a shard updates on its own core.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Counters {
@@ -64,14 +66,15 @@ impl RttHistogram {
     }
 }
 
-struct Metric {
+/// One per-shard metric family, read from a `T`.
+struct Metric<T> {
     name: &'static str,
     kind: &'static str,
     help: &'static str,
-    get: fn(&Counters) -> u64,
+    get: fn(&T) -> u64,
 }
 
-const METRICS: &[Metric] = &[
+const METRICS: &[Metric<Counters>] = &[
     Metric {
         name: "rtc_active_rooms",
         kind: "gauge",
@@ -246,14 +249,45 @@ pub struct AcceptMetrics {
     pub signaling_errors: AtomicU64,
 }
 
-pub fn render(shards: &[Arc<ShardMetrics>], accept: &AcceptMetrics) -> String {
+/// What the watchdog knows of each shard (`shard::watchdog`).
+const PULSE_METRICS: &[Metric<Pulse>] = &[
+    Metric {
+        name: "rtc_shard_stalled",
+        kind: "gauge",
+        help: "1 while the shard has not answered the watchdog for a second.",
+        get: |p| u64::from(p.stalled()),
+    },
+    Metric {
+        name: "rtc_shard_stalls_total",
+        kind: "counter",
+        help: "Times the shard stopped answering the watchdog for a second.",
+        get: Pulse::stalls,
+    },
+    Metric {
+        name: "rtc_shard_kicks_total",
+        kind: "counter",
+        help: "Times the watchdog interrupted the shard's thread for not answering.",
+        get: Pulse::kicks,
+    },
+];
+
+/// A family's header and one sample per shard, in shard order.
+fn write_family<T>(out: &mut String, metric: &Metric<T>, values: impl Iterator<Item = u64>) {
+    let _ = writeln!(out, "# HELP {} {}", metric.name, metric.help);
+    let _ = writeln!(out, "# TYPE {} {}", metric.name, metric.kind);
+    for (shard, value) in values.enumerate() {
+        let _ = writeln!(out, "{}{{shard=\"{shard}\"}} {value}", metric.name);
+    }
+}
+
+pub fn render(
+    shards: &[Arc<ShardMetrics>],
+    pulses: &[Arc<Pulse>],
+    accept: &AcceptMetrics,
+) -> String {
     let mut out = String::with_capacity(4096);
     for (i, metric) in METRICS.iter().enumerate() {
-        let _ = writeln!(out, "# HELP {} {}", metric.name, metric.help);
-        let _ = writeln!(out, "# TYPE {} {}", metric.name, metric.kind);
-        for (shard, m) in shards.iter().enumerate() {
-            let _ = writeln!(out, "{}{{shard=\"{shard}\"}} {}", metric.name, m.value(i));
-        }
+        write_family(&mut out, metric, shards.iter().map(|m| m.value(i)));
     }
     let _ = writeln!(
         out,
@@ -262,6 +296,9 @@ pub fn render(shards: &[Arc<ShardMetrics>], accept: &AcceptMetrics) -> String {
     let _ = writeln!(out, "# TYPE rtc_subscriber_rtt_seconds histogram");
     for (shard, m) in shards.iter().enumerate() {
         m.render_rtt(&mut out, shard);
+    }
+    for metric in PULSE_METRICS {
+        write_family(&mut out, metric, pulses.iter().map(|p| (metric.get)(p)));
     }
     let accept_metrics = [
         (
@@ -339,7 +376,7 @@ mod tests {
         }
         let (near, far) = (Arc::new(ShardMetrics::default()), Arc::default());
         near.publish(&counters);
-        let text = render(&[near, far], &AcceptMetrics::default());
+        let text = render(&[near, far], &[], &AcceptMetrics::default());
 
         assert!(text.contains("# TYPE rtc_subscriber_rtt_seconds histogram"));
         let bucket = |le: &str| {

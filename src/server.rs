@@ -3,6 +3,8 @@
 //! executor also runs the accept side: the HTTP listener and the hub that routes
 //! shard replies to WebSocket sessions.
 //!
+//! A watchdog thread watches the shards (`shard::watchdog`).
+//!
 //! A shard never stops on its own. If one does (a panic, or a failed start), the
 //! server is no longer whole: its rooms are gone, joins hashed to it fail, and if it
 //! was shard 0 nothing accepts connections. So `wait` returns at the first shard to
@@ -19,6 +21,7 @@ use tracing::info;
 use crate::config::Config;
 use crate::metrics::AcceptMetrics;
 use crate::shard::mailbox::mailbox;
+use crate::shard::watchdog::{self, Watched};
 use crate::shard::{self, Extra};
 use crate::signaling::Hub;
 
@@ -67,6 +70,15 @@ impl Server {
                 accept.take(),
             )?);
         }
+        let watched: Vec<_> = handles
+            .iter()
+            .zip(&executors)
+            .map(|(handle, executor)| Watched {
+                pulse: handle.pulse.clone(),
+                thread: executor.thread().name().unwrap_or_default().to_owned(),
+            })
+            .collect();
+        watchdog::spawn(&watched)?;
         let udp_addrs = handles.iter().map(|h| h.udp_addr).collect();
         info!(%http_addr, ?udp_addrs, candidates = ?config.candidate_ips(), "corelay started");
         Ok(Self {

@@ -1,9 +1,11 @@
 //! Rooms spread over shards by the documented hash, and a room never straddles two:
-//! `/debug/rooms` and `/metrics` show where everything lives.
+//! `/debug/rooms` and `/metrics` show where everything lives, and `/health` which
+//! shard stopped.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use common::{TestServer, Ws};
 use corelay::shard::shard_for;
@@ -121,4 +123,139 @@ fn http_endpoints_answer() {
         "demo page served"
     );
     assert_eq!(server.get("/nope").0, 404);
+}
+
+/// A shard that stops (here: its executor thread frozen the way a debugger freezes
+/// it) is named by `/health` with a 503, so a load balancer takes the instance out,
+/// and counted in the metrics; the other shard goes on serving its rooms; once the
+/// shard runs again, `/health` says so.
+#[test]
+fn a_stopped_shard_is_reported_and_the_others_carry_on() {
+    let server = TestServer::start(&[]);
+    assert_eq!(health(&server, 200)["stalledShards"], serde_json::json!([]));
+
+    let frozen = Frozen::asleep(server.pid(), 1);
+    let report = health(&server, 503);
+    assert_eq!(report["status"], "stalled", "{report}");
+    assert_eq!(report["stalledShards"], serde_json::json!([1]), "{report}");
+    let room = (0..)
+        .map(|i| format!("room-{i}"))
+        .find(|room| shard_for(room, 2) == 0)
+        .expect("a room on shard 0");
+    let (_ws, joined) = Ws::join(&server.ws_url(&room), &room, "alice");
+    assert_eq!(joined["sessionId"], room.as_str(), "shard 0 still serves");
+    let (_, metrics) = server.get("/metrics");
+    for line in [
+        "rtc_shard_stalled{shard=\"0\"} 0",
+        "rtc_shard_stalled{shard=\"1\"} 1",
+        "rtc_shard_stalls_total{shard=\"1\"} 1",
+        "rtc_shard_kicks_total{shard=\"0\"} 0",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    // The watchdog interrupted the silent shard's thread, which (stopped) holds the
+    // signal until it runs again.
+    assert!(
+        !metrics.contains("rtc_shard_kicks_total{shard=\"1\"} 0"),
+        "shard 1 was not interrupted:\n{metrics}"
+    );
+    assert!(frozen.holds(libc::SIGURG), "no SIGURG waits for shard 1");
+
+    drop(frozen);
+    assert_eq!(health(&server, 200)["stalledShards"], serde_json::json!([]));
+    let (_, metrics) = server.get("/metrics");
+    for line in [
+        "rtc_shard_stalled{shard=\"1\"} 0",
+        "rtc_shard_stalls_total{shard=\"1\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+}
+
+/// `/health`'s JSON, once it answers with `status` (within ten seconds).
+fn health(server: &TestServer, status: u16) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (got, body) = server.get("/health");
+        if got == status {
+            return serde_json::from_str(&body).expect("health JSON");
+        }
+        assert!(Instant::now() < deadline, "/health still {got}: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A thread of another process held stopped, without stopping its siblings (ptrace's
+/// seize and interrupt), until dropped.
+struct Frozen(libc::pid_t);
+
+impl Frozen {
+    /// The executor thread of shard `shard` (the first thread glommio names after it),
+    /// stopped where a shard that stopped answering sleeps: in `io_uring_enter`.
+    /// Stopped anywhere else it could hold a lock the other shards need (glommio takes
+    /// one around `membarrier` on the way to sleep), which a real stall does not.
+    fn asleep(pid: u32, shard: usize) -> Self {
+        const IO_URING_ENTER: &str = "426";
+        let prefix = format!("shard-{shard}-");
+        let tid: libc::pid_t = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the server's threads")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|tid: &libc::pid_t| {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                    .is_ok_and(|name| name.starts_with(&prefix))
+            })
+            .min()
+            .unwrap_or_else(|| panic!("no thread named {prefix}*"));
+        let none = std::ptr::null_mut::<libc::c_void>();
+        let in_io_uring_enter = || {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
+                .is_ok_and(|call| call.split(' ').next() == Some(IO_URING_ENTER))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            // Each stop wakes the thread when it ends: let it go back to sleep first.
+            if !in_io_uring_enter() {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            // SAFETY: ptrace and waitpid on a thread id; no memory is passed.
+            let stopped = unsafe {
+                libc::ptrace(libc::PTRACE_SEIZE, tid, none, none) == 0
+                    && libc::ptrace(libc::PTRACE_INTERRUPT, tid, none, none) == 0
+                    && libc::waitpid(tid, std::ptr::null_mut(), libc::__WALL) == tid
+            };
+            assert!(
+                stopped,
+                "could not stop thread {tid}: {}",
+                std::io::Error::last_os_error()
+            );
+            let frozen = Self(tid);
+            if in_io_uring_enter() {
+                return frozen;
+            }
+        }
+        panic!("shard {shard} was never caught asleep in io_uring_enter");
+    }
+}
+
+impl Frozen {
+    /// Whether `signal` is pending for this thread alone.
+    fn holds(&self, signal: libc::c_int) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0))
+            .expect("the thread's status");
+        let pending = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigPnd:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .expect("SigPnd");
+        pending & (1 << (signal - 1)) != 0
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let none = std::ptr::null_mut::<libc::c_void>();
+        // SAFETY: detaching the thread this test stopped.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, none, none) };
+    }
 }

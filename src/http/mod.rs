@@ -118,13 +118,28 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
         }
         ("GET", "/health") => {
             let udp: Vec<_> = hub.shards.iter().map(|s| s.udp_addr.port()).collect();
-            let body =
-                json!({"status": "ok", "shards": hub.shards.len(), "udpPorts": udp}).to_string();
-            let _ = respond(&mut stream, 200, "application/json", body.as_bytes()).await;
+            let stalled: Vec<_> = hub
+                .shards
+                .iter()
+                .filter(|s| s.pulse.stalled())
+                .map(|s| s.index)
+                .collect();
+            // A load balancer takes the instance out while any shard is stuck: the
+            // rooms hashed to it cannot be served.
+            let (code, status) = if stalled.is_empty() {
+                (200, "ok")
+            } else {
+                (503, "stalled")
+            };
+            let body = json!({"status": status, "shards": hub.shards.len(), "udpPorts": udp,
+                "stalledShards": stalled})
+            .to_string();
+            let _ = respond(&mut stream, code, "application/json", body.as_bytes()).await;
         }
         ("GET", "/metrics") => {
             let shards: Vec<_> = hub.shards.iter().map(|s| s.metrics.clone()).collect();
-            let body = metrics::render(&shards, &hub.metrics);
+            let pulses: Vec<_> = hub.shards.iter().map(|s| s.pulse.clone()).collect();
+            let body = metrics::render(&shards, &pulses, &hub.metrics);
             let _ = respond(
                 &mut stream,
                 200,

@@ -9,6 +9,9 @@
 //! - the mailbox task takes signaling from the accept shard, a bounded batch at a time;
 //! - the timer task sleeps until the `Sfu`'s next str0m deadline.
 //!
+//! A fourth task, apart from the `Sfu`, answers the [`watchdog`], which interrupts a
+//! shard that stops answering (glommio can put an executor to sleep with work to do).
+//!
 //! The UDP and timer tasks yield only when the executor's preempt timer says so, which
 //! bounds how long the others (and, on shard 0, the accept loop) wait under load.
 //!
@@ -19,6 +22,7 @@
 
 pub mod mailbox;
 pub mod messages;
+pub mod watchdog;
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -42,6 +46,7 @@ use crate::metrics::ShardMetrics;
 use crate::sfu::{Limits, Sfu};
 use mailbox::{Mailbox, MailboxSender, mailbox};
 use messages::{ToAccept, ToShard};
+use watchdog::Pulse;
 
 /// Signaling messages a shard's mailbox holds before senders are refused.
 pub const MAILBOX_CAPACITY: usize = 4096;
@@ -70,6 +75,7 @@ pub struct ShardHandle {
     pub mailbox: MailboxSender<ToShard>,
     pub metrics: Arc<ShardMetrics>,
     pub udp_addr: SocketAddr,
+    pub pulse: Arc<Pulse>,
 }
 
 /// The shard owning a room: FNV-1a (64-bit) of the `sessionId` bytes, modulo the shard
@@ -107,6 +113,7 @@ pub fn prepare(config: &Config) -> std::io::Result<Vec<PreparedShard>> {
                     mailbox: tx,
                     metrics: Arc::new(ShardMetrics::default()),
                     udp_addr,
+                    pulse: Arc::new(Pulse::default()),
                 },
                 socket,
                 inbox,
@@ -138,6 +145,7 @@ pub fn start(
     let ice_servers = config.ice_servers();
     let placement = shard.core.map_or(Placement::Unbound, Placement::Fixed);
     let metrics = shard.handle.metrics.clone();
+    let pulse = shard.handle.pulse.clone();
     let fd = shard.socket.into_raw_fd();
     let inbox = shard.inbox;
     LocalExecutorBuilder::new(placement)
@@ -168,8 +176,9 @@ pub fn start(
             let span = info_span!("shard", shard = index);
             let udp = glommio::spawn_local(shard.clone().udp_task().instrument(span.clone()));
             let timers = glommio::spawn_local(shard.clone().timer_task().instrument(span.clone()));
+            let answers = glommio::spawn_local(async move { pulse.answer().await });
             shard.mailbox_task(inbox).instrument(span).await;
-            drop((udp, timers));
+            drop((udp, timers, answers));
         })
         .map_err(|e| std::io::Error::other(e.to_string()))
 }

@@ -200,7 +200,7 @@ impl Network {
     pub fn metrics(&self) -> String {
         let shard = Arc::new(ShardMetrics::default());
         shard.publish(&self.sfu.counters);
-        metrics::render(&[shard], &AcceptMetrics::default())
+        metrics::render(&[shard], &[], &AcceptMetrics::default())
     }
 
     /// Runs the clock until `done` holds; fails after `RUN_LIMIT` of virtual time.
