@@ -165,6 +165,8 @@ fn round(shards: &[(Weak<Pulse>, String)]) -> bool {
 /// Sends [`KICK`] to every thread of this process named `name`: the executor, and
 /// glommio's helper thread beside it, whose wait simply resumes. Returns how many.
 fn kick(name: &str) -> usize {
+    // The kernel keeps the first 15 bytes of a thread's name.
+    let name = name.get(..15).unwrap_or(name);
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return 0;
     };
