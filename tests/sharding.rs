@@ -192,8 +192,9 @@ struct Frozen(libc::pid_t);
 impl Frozen {
     /// The executor thread of shard `shard` (the first thread glommio names after it),
     /// stopped where a shard that stopped answering sleeps: in `io_uring_enter`.
-    /// Stopped anywhere else it could hold a lock the other shards need (glommio takes
-    /// one around `membarrier` on the way to sleep), which a real stall does not.
+    /// Stopped anywhere else it could hold what the other shards wait for, which a real
+    /// stall does not: caught starting up, it held glommio's one-time `membarrier`
+    /// set-up, and shard 0 waited on it.
     fn asleep(pid: u32, shard: usize) -> Self {
         const IO_URING_ENTER: &str = "426";
         let prefix = format!("shard-{shard}-");
