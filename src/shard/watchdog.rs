@@ -31,13 +31,13 @@ use futures::task::AtomicWaker;
 use tracing::{info, warn};
 
 /// How often each shard is rung.
-pub const PERIOD: Duration = Duration::from_millis(50);
+const PERIOD: Duration = Duration::from_millis(50);
 /// Unanswered rings after which the shard's thread is interrupted (and again every
 /// [`STALL`] while it stays silent): a stall of glommio's lasts about this many
 /// periods, or up to [`STALL`] if it comes before the shard's first answer.
 const KICK_RINGS: u64 = 2;
 /// How long a shard may leave its rings unanswered before it is reported stalled.
-pub const STALL: Duration = Duration::from_secs(1);
+const STALL: Duration = Duration::from_secs(1);
 const STALL_RINGS: u64 = (STALL.as_millis() / PERIOD.as_millis()) as u64;
 /// The signal that interrupts a shard's thread; its handler does nothing.
 const KICK: libc::c_int = libc::SIGURG;
