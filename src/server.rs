@@ -74,11 +74,11 @@ impl Server {
             .iter()
             .zip(&executors)
             .map(|(handle, executor)| Watched {
-                pulse: handle.pulse.clone(),
+                pulse: Arc::downgrade(&handle.pulse),
                 thread: executor.thread().name().unwrap_or_default().to_owned(),
             })
             .collect();
-        watchdog::spawn(&watched)?;
+        watchdog::spawn(watched)?;
         let udp_addrs = handles.iter().map(|h| h.udp_addr).collect();
         info!(%http_addr, ?udp_addrs, candidates = ?config.candidate_ips(), "corelay started");
         Ok(Self {

@@ -572,7 +572,7 @@ fn a_client_that_sends_each_packet_on_a_new_ssrc_is_held_to_its_allowance() {
     net.peers[0].rotate_audio_ssrc();
     // At 50 audio packets a second, the allowance (128) goes in about 3 s.
     net.run_until("new SSRCs are refused", |net| {
-        refused_ssrc_packets(net) > 50
+        refused(net, "rtc_rtp_ssrc_refused_total") > 50
     });
     let audio = received(&net, &rotator, MediaKind::Audio);
     let video = [&rotator, &steady].map(|p| received(&net, p, MediaKind::Video));
@@ -634,10 +634,6 @@ fn a_client_that_floods_is_held_to_its_rate() {
         "the steady publisher still flows"
     );
     assert_eq!(steady_video.lost, 0, "and loses nothing");
-}
-
-fn refused_ssrc_packets(net: &Network) -> u64 {
-    refused(net, "rtc_rtp_ssrc_refused_total")
 }
 
 fn refused(net: &Network, metric: &str) -> u64 {

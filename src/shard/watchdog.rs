@@ -20,10 +20,10 @@
 //! and metrics.
 
 use std::future::poll_fn;
+use std::sync::Weak;
 use std::sync::atomic::{
     AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
-use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -93,19 +93,16 @@ impl Pulse {
     }
 }
 
-/// A shard as the watchdog sees it: its pulse, and its executor's thread name.
+/// A shard as the watchdog sees it: its pulse (weak, so the watchdog ends with the
+/// shards), and its executor's thread name.
 pub struct Watched {
-    pub pulse: Arc<Pulse>,
+    pub pulse: Weak<Pulse>,
     pub thread: String,
 }
 
 /// Starts the watchdog thread; it ends once every pulse is dropped (every shard gone).
-pub fn spawn(shards: &[Watched]) -> std::io::Result<()> {
+pub fn spawn(shards: Vec<Watched>) -> std::io::Result<()> {
     install_kick_handler()?;
-    let shards: Vec<(Weak<Pulse>, String)> = shards
-        .iter()
-        .map(|s| (Arc::downgrade(&s.pulse), s.thread.clone()))
-        .collect();
     std::thread::Builder::new()
         .name("watchdog".into())
         .spawn(move || {
@@ -119,9 +116,9 @@ pub fn spawn(shards: &[Watched]) -> std::io::Result<()> {
 /// Interrupts the shards that stopped answering, marks those that have stalled or
 /// recovered since the last round (saying so in the log, once), then rings them all.
 /// `false` once no shard is left.
-fn round(shards: &[(Weak<Pulse>, String)]) -> bool {
+fn round(shards: &[Watched]) -> bool {
     let mut alive = false;
-    for (shard, (pulse, thread)) in shards.iter().enumerate() {
+    for (shard, Watched { pulse, thread }) in shards.iter().enumerate() {
         let Some(pulse) = pulse.upgrade() else {
             continue;
         };
@@ -206,6 +203,7 @@ fn install_kick_handler() -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::pin::pin;
+    use std::sync::Arc;
     use std::task::Context;
 
     /// Runs the shard's side once, as its executor would after a ring.
@@ -222,7 +220,10 @@ mod tests {
     #[test]
     fn a_silent_shard_is_interrupted_then_reported_and_recovers() {
         let pulse = Arc::new(Pulse::default());
-        let shards = [(Arc::downgrade(&pulse), "no-such-thread".to_owned())];
+        let shards = [Watched {
+            pulse: Arc::downgrade(&pulse),
+            thread: "no-such-thread".to_owned(),
+        }];
         assert!(round(&shards));
         answer(&pulse);
         for _ in 0..=KICK_RINGS {
@@ -257,7 +258,10 @@ mod tests {
     #[test]
     fn a_shard_that_has_not_answered_yet_has_until_the_stall_limit() {
         let pulse = Arc::new(Pulse::default());
-        let shards = [(Arc::downgrade(&pulse), "no-such-thread".to_owned())];
+        let shards = [Watched {
+            pulse: Arc::downgrade(&pulse),
+            thread: "no-such-thread".to_owned(),
+        }];
         for _ in 0..STALL_RINGS {
             round(&shards);
         }
