@@ -206,6 +206,14 @@ mod tests {
     use std::sync::Arc;
     use std::task::Context;
 
+    /// The watchdog's view of one shard whose thread it cannot find.
+    fn watched(pulse: &Arc<Pulse>) -> [Watched; 1] {
+        [Watched {
+            pulse: Arc::downgrade(pulse),
+            thread: "no-such-thread".to_owned(),
+        }]
+    }
+
     /// Runs the shard's side once, as its executor would after a ring.
     fn answer(pulse: &Pulse) {
         let waker = futures::task::noop_waker();
@@ -220,10 +228,7 @@ mod tests {
     #[test]
     fn a_silent_shard_is_interrupted_then_reported_and_recovers() {
         let pulse = Arc::new(Pulse::default());
-        let shards = [Watched {
-            pulse: Arc::downgrade(&pulse),
-            thread: "no-such-thread".to_owned(),
-        }];
+        let shards = watched(&pulse);
         assert!(round(&shards));
         answer(&pulse);
         for _ in 0..=KICK_RINGS {
@@ -258,10 +263,7 @@ mod tests {
     #[test]
     fn a_shard_that_has_not_answered_yet_has_until_the_stall_limit() {
         let pulse = Arc::new(Pulse::default());
-        let shards = [Watched {
-            pulse: Arc::downgrade(&pulse),
-            thread: "no-such-thread".to_owned(),
-        }];
+        let shards = watched(&pulse);
         for _ in 0..STALL_RINGS {
             round(&shards);
         }
