@@ -1,27 +1,39 @@
 //! corelay scaled out: two instances behind HAProxy running the shipped config,
-//! `deploy/haproxy.cfg`, which routes each WebSocket by a hash of its `room`
-//! parameter. `tests/run` installs Debian's haproxy.
+//! `deploy/haproxy.cfg`, which terminates TLS (with a certificate made for the test)
+//! and routes each WebSocket by a hash of its `room` parameter. `tests/run` installs
+//! Debian's haproxy.
 //!
-//! Through the balancer, the load harness must find every room whole on one instance,
-//! rooms on both instances, media delivered without loss, and the instances' figures
-//! summed; a WebSocket without its room is refused. A join for a room whose instance
-//! is down must land on the other.
+//! Through the balancer, over `wss://`, the load harness must find every room whole
+//! on one instance, rooms on both instances, media delivered without loss, and the
+//! instances' figures summed; a WebSocket without its room is refused, and the
+//! capabilities name a `wss://` signaling URL. A harness that does not trust the
+//! certificate says so. A join for a room whose instance is down must land on the
+//! other.
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, Ws};
-use corelay_loadtest::probe::http_get;
-use corelay_loadtest::{Preset, Scenario, run};
+use corelay_loadtest::probe::parse_http_response;
+use corelay_loadtest::{Preset, Scenario, run, tls};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use tungstenite::Connector;
 
 /// HAProxy with `deploy/haproxy.cfg` in front of two instances.
 struct Balancer {
     child: Child,
     addr: SocketAddr,
+    /// Holds the balancer's certificate and key, and apart the certificate alone,
+    /// which clients trust.
+    dir: PathBuf,
+    tls: Arc<ClientConfig>,
 }
 
 impl Balancer {
@@ -29,26 +41,91 @@ impl Balancer {
         let addr = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
+        let dir = std::env::temp_dir().join(format!(
+            "corelay-balancer-{}-{}",
+            std::process::id(),
+            addr.port()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let made = rcgen::generate_simple_self_signed([addr.ip().to_string()])
+            .expect("a self-signed certificate");
+        let cert = made.cert.pem();
+        std::fs::write(dir.join("ca.pem"), &cert).expect("write ca.pem");
+        std::fs::write(
+            dir.join("balancer.pem"),
+            cert + &made.signing_key.serialize_pem(),
+        )
+        .expect("write balancer.pem");
+        let tls = tls::client_config(Some(&dir.join("ca.pem"))).expect("trust ca.pem");
+
         let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg");
-        let mut child = Command::new(haproxy())
+        let child = Command::new(haproxy())
             .args(["-db", "-f", config])
             .env("CORELAY_LB_BIND", addr.to_string())
+            .env("CORELAY_LB_CERT", dir.join("balancer.pem"))
             .env("CORELAY_1", instances[0].addr.to_string())
             .env("CORELAY_2", instances[1].addr.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start haproxy");
+        let mut balancer = Self {
+            child,
+            addr,
+            dir,
+            tls,
+        };
         // Ready once it proxies a request through to an instance.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while http_get(&addr.to_string(), "/health").is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
+        while balancer.get("/health").is_err() {
+            if let Ok(Some(status)) = balancer.child.try_wait() {
                 panic!("haproxy exited: {status}");
             }
             assert!(Instant::now() < deadline, "haproxy never proxied /health");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { child, addr }
+        balancer
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The body of a 200 answer to `GET path`, over TLS.
+    fn get(&self, path: &str) -> Result<String, String> {
+        let tcp = TcpStream::connect(self.addr).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::from(self.addr.ip());
+        let conn = ClientConnection::new(self.tls.clone(), name).map_err(|e| e.to_string())?;
+        let mut stream = StreamOwned::new(conn, tcp);
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        stream
+            .write_all(request.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut response = Vec::new();
+        // The answer is complete when HAProxy closes, with or without a TLS
+        // close_notify first; a short one fails to parse below.
+        let _ = stream.read_to_end(&mut response);
+        parse_http_response(&response)
+    }
+
+    /// A WebSocket through the balancer, over TLS.
+    fn websocket(&self, path: &str) -> Result<Ws, tungstenite::Error> {
+        let tcp = TcpStream::connect(self.addr)?;
+        let url = format!("wss://{}{path}", self.addr);
+        let connector = Connector::Rustls(self.tls.clone());
+        let (ws, _) = tungstenite::client_tls_with_config(url, tcp, None, Some(connector))
+            .map_err(|e| match e {
+                tungstenite::HandshakeError::Failure(e) => e,
+                tungstenite::HandshakeError::Interrupted(_) => {
+                    unreachable!("a blocking socket")
+                }
+            })?;
+        Ok(Ws::over(ws))
     }
 }
 
@@ -56,6 +133,7 @@ impl Drop for Balancer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -89,15 +167,25 @@ fn rooms_stay_whole_and_spread_over_instances() {
     let instances = [TestServer::start(&[]), TestServer::start(&[])];
     let balancer = Balancer::start([&instances[0], &instances[1]]);
     assert!(
-        http_get(&balancer.addr.to_string(), "/metrics").is_err_and(|e| e.contains("403")),
+        balancer.get("/metrics").is_err_and(|e| e.contains("403")),
         "per-instance pages stay behind the balancer"
     );
-    match tungstenite::connect(format!("ws://{}/ws", balancer.addr)) {
+    match balancer.websocket("/ws") {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 400),
-        other => panic!("a WebSocket without its room got through: {other:?}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a WebSocket without its room got through"),
     }
+    // A page served through the balancer is on HTTPS, so it must be told wss://.
+    let caps: serde_json::Value =
+        serde_json::from_str(&balancer.get("/client/capabilities").expect("capabilities"))
+            .expect("json");
+    assert_eq!(
+        caps["rtc"]["signaling_url"],
+        format!("wss://{}/ws", balancer.addr)
+    );
     let scenario = Scenario {
-        url: format!("ws://{}", balancer.addr),
+        url: format!("wss://{}", balancer.addr),
+        ca_file: Some(balancer.ca_file()),
         rooms: 6,
         peers: 3,
         duration: Duration::from_secs(3),
@@ -137,25 +225,51 @@ fn rooms_stay_whole_and_spread_over_instances() {
         "{:?}",
         report.warnings
     );
+
+    // Without the balancer's certificate, the harness trusts the system's roots only,
+    // and its report says why nobody joined.
+    let untrusting = Scenario {
+        ca_file: None,
+        rooms: 1,
+        duration: Duration::from_secs(1),
+        room_prefix: "untrusting".into(),
+        ..scenario
+    };
+    let report = run(&untrusting, |_| {}).expect("run starts");
+    let failures = &report.peers.join_failures;
+    assert_eq!(report.peers.joins, 0, "{failures:?}");
+    assert_eq!(failures.values().sum::<u64>(), 3, "{failures:?}");
+    assert!(
+        failures
+            .keys()
+            .all(|reason| reason.contains("invalid peer certificate")),
+        "{failures:?}"
+    );
 }
 
 #[test]
 fn a_room_whose_instance_is_down_opens_on_another() {
     let [first, second] = [TestServer::start(&[]), TestServer::start(&[])];
     let balancer = Balancer::start([&first, &second]);
-    let url = |room: &str| format!("ws://{}/ws?room={room}", balancer.addr);
+    let join = |room: &str, user: &str| {
+        balancer
+            .websocket(&format!("/ws?room={room}"))
+            .expect("a WebSocket through the balancer")
+            .join_as(room, user)
+            .0
+    };
     // Rooms until one lands on the second instance.
     let mut joined = Vec::new();
     let room = (0..32)
         .map(|n| format!("failover-{n}"))
         .find(|room| {
-            joined.push(Ws::join(&url(room), room, "early").0);
+            joined.push(join(room, "early"));
             rooms(&second).contains(room)
         })
         .expect("a room hashed to the second instance");
     drop(second);
 
-    let (mut ws, _) = Ws::join(&url(&room), &room, "late");
+    let mut ws = join(&room, "late");
     assert!(rooms(&first).contains(&room), "{:?}", rooms(&first));
     ws.send(r#"{"type":"ping","requestId":"p"}"#);
     assert_eq!(ws.recv_type("pong")["requestId"], "p");

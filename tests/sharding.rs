@@ -91,6 +91,10 @@ fn http_endpoints_answer() {
             "capabilities lack {key}: {caps}"
         );
     }
+    assert_eq!(
+        caps["rtc"]["signaling_url"],
+        format!("ws://{}/ws", server.addr)
+    );
 
     let (status, body) = server.get("/metrics");
     assert_eq!(status, 200);

@@ -14,6 +14,7 @@
 //! - [`sdp`]: reading the server's SDP as written on the wire.
 //! - [`stats`]: loss/duplicate/reorder tracking and percentiles.
 //! - [`client`]: the threaded driver for tests.
+//! - [`tls`]: `wss://` through a balancer that terminates TLS.
 //! - [`janus`]: the same participant speaking Janus's VideoRoom API (`--target janus`).
 //! - [`scenario`], [`run()`], [`report`], [`html`], [`probe`]: the load harness (the
 //!   `corelay-loadtest` binary is a thin CLI over them); `worker` is its event loop,
@@ -33,6 +34,7 @@ mod run;
 pub mod scenario;
 pub mod sdp;
 pub mod stats;
+pub mod tls;
 mod worker;
 
 pub use client::{Client, ClientConfig, Error};

@@ -18,10 +18,14 @@ use corelay_loadtest::{Preset, Scenario, Target, html, run};
 #[derive(Debug, Parser)]
 #[command(name = "corelay-loadtest", version)]
 struct Cli {
-    /// Server or load balancer, `ws://host:port`; participants connect to
-    /// `<url>/ws?room=<room>`.
+    /// Server or load balancer, `ws://host:port`, or `wss://host[:port]` through a
+    /// balancer that terminates TLS; participants connect to `<url>/ws?room=<room>`.
     #[arg(long, default_value = "ws://127.0.0.1:5005")]
     url: String,
+    /// For `wss://`: trust the certificates in this PEM file instead of the system's
+    /// roots (a private CA, or the balancer's self-signed certificate).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// The SFU behind `--url`: corelay, or Janus's VideoRoom (for a side-by-side).
     #[arg(long, value_enum, default_value_t = Target::Corelay)]
     target: Target,
@@ -95,6 +99,7 @@ impl Cli {
         let mut s = Scenario::preset(self.preset.unwrap_or(Preset::Meeting));
         s.preset = self.preset;
         s.url = self.url.clone();
+        s.ca_file = self.ca_file.clone();
         s.target = self.target;
         s.rooms = self.rooms.unwrap_or(s.rooms);
         s.peers = self.peers.unwrap_or(s.peers);

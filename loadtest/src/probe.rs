@@ -331,7 +331,7 @@ pub fn http_get(authority: &str, path: &str) -> Result<String, String> {
 
 /// The body of a complete 200 response (by `Content-Length` when given, else
 /// everything after the head).
-fn parse_http_response(response: &[u8]) -> Result<String, String> {
+pub fn parse_http_response(response: &[u8]) -> Result<String, String> {
     let text = String::from_utf8_lossy(response);
     let (head, body) = text
         .split_once("\r\n\r\n")

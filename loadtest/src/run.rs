@@ -20,6 +20,7 @@ use crate::report::{
 };
 use crate::scenario::Scenario;
 use crate::stats::Histogram;
+use crate::tls;
 use crate::worker::{self, Command, LEAVE_GRACE, Seat, WorkerSetup, WorkerStats};
 
 const TICK: Duration = Duration::from_secs(1);
@@ -45,6 +46,10 @@ pub fn run(scenario: &Scenario, mut progress: impl FnMut(&Sample)) -> Result<Rep
         .map(|r| scenario.room_url(r))
         .collect::<Result<Vec<_>, _>>()?;
     let metrics = scenario.metrics_endpoints()?;
+    let tls = scenario
+        .tls()?
+        .then(|| tls::client_config(scenario.ca_file.as_deref()))
+        .transpose()?;
     probe::raise_fd_limit();
     let probe = ServerProbe::new(scenario.server_pid, metrics);
     let scenario = Arc::new(scenario.clone());
@@ -75,6 +80,7 @@ pub fn run(scenario: &Scenario, mut progress: impl FnMut(&Sample)) -> Result<Rep
             scenario: scenario.clone(),
             urls: urls.clone(),
             server,
+            tls: tls.clone(),
             local_ip,
             time_base: run.time_base,
             plan,

@@ -3,6 +3,7 @@
 //! common shapes; every field can then be overridden.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
@@ -46,9 +47,11 @@ pub enum Target {
 /// One load run. Build it from [`Scenario::preset`] and override fields.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Scenario {
-    /// `ws://host:port` of one server or a load balancer; peers connect to
-    /// `<url>/ws?room=<room>`.
+    /// `ws://host:port` of one server, or `wss://` (or `ws://`) of a load balancer;
+    /// peers connect to `<url>/ws?room=<room>`.
     pub url: String,
+    /// Certificates (PEM) to trust for `wss://` instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
     pub target: Target,
     pub preset: Option<Preset>,
     pub rooms: usize,
@@ -93,6 +96,7 @@ impl Scenario {
     pub fn preset(preset: Preset) -> Self {
         let base = Self {
             url: "ws://127.0.0.1:5005".into(),
+            ca_file: None,
             target: Target::Corelay,
             preset: Some(preset),
             rooms: 1,
@@ -164,7 +168,10 @@ impl Scenario {
             return Err("--server-pid measures one local server: behind a load balancer, CPU and memory come from each instance's --metrics-url".into());
         }
         self.metrics_endpoints()?;
-        self.endpoint().map(|_| ())
+        if self.ca_file.is_some() && !self.tls()? {
+            return Err("--ca-file is for a wss:// URL".into());
+        }
+        Ok(())
     }
 
     /// Participants over all rooms.
@@ -197,7 +204,8 @@ impl Scenario {
     pub fn room_url(&self, n: usize) -> Result<String, String> {
         let endpoint = self.endpoint()?;
         Ok(format!(
-            "ws://{}/ws?room={}",
+            "{}://{}/ws?room={}",
+            endpoint.scheme(),
             endpoint.authority,
             percent_encode(&self.room_name(n))
         ))
@@ -216,7 +224,16 @@ impl Scenario {
     /// `host:port` and path of each instance's metrics endpoint.
     pub fn metrics_endpoints(&self) -> Result<Vec<(String, String)>, String> {
         let urls = if self.metrics_urls.is_empty() {
-            vec![format!("http://{}/metrics", self.endpoint()?.authority)]
+            let endpoint = self.endpoint()?;
+            if endpoint.tls {
+                // corelay serves plain HTTP; TLS ends at a balancer, which keeps
+                // `/metrics` to itself.
+                return Err(format!(
+                    "{}: behind TLS, give each instance's --metrics-url http://host:port/metrics",
+                    self.url
+                ));
+            }
+            vec![format!("http://{}/metrics", endpoint.authority)]
         } else {
             self.metrics_urls.clone()
         };
@@ -237,9 +254,11 @@ impl Scenario {
 
     fn endpoint(&self) -> Result<Endpoint, String> {
         let uri: Uri = self.url.parse().map_err(|e| format!("{}: {e}", self.url))?;
-        if uri.scheme_str() != Some("ws") {
-            return Err(format!("{}: only ws:// URLs are supported", self.url));
-        }
+        let tls = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(format!("{}: give a ws:// or wss:// URL", self.url)),
+        };
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             return Err(format!(
                 "{}: give the server's base URL; the harness adds /ws?room=",
@@ -250,21 +269,34 @@ impl Scenario {
             .authority()
             .ok_or_else(|| format!("{}: no host", self.url))?;
         Ok(Endpoint {
+            tls,
             authority: authority.to_string(),
             host: authority
                 .host()
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
         })
+    }
+
+    /// Whether peers speak TLS to the server (a `wss://` URL).
+    pub fn tls(&self) -> Result<bool, String> {
+        self.endpoint().map(|e| e.tls)
     }
 }
 
 struct Endpoint {
+    tls: bool,
     authority: String,
     host: String,
     port: u16,
+}
+
+impl Endpoint {
+    fn scheme(&self) -> &'static str {
+        if self.tls { "wss" } else { "ws" }
+    }
 }
 
 fn seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -353,7 +385,27 @@ mod tests {
             ..s.clone()
         };
         assert_eq!(v6.server_addr().unwrap(), "[::1]:9000".parse().unwrap());
-        for bad in ["wss://x:1", "ws://x:1/ws?room=a", "http://x:1", "not a url"] {
+        // Through a balancer that terminates TLS: instances' metrics are given.
+        let secure = Scenario {
+            url: "wss://lb.example".into(),
+            ..balanced.clone()
+        };
+        assert_eq!(
+            secure.room_url(0).unwrap(),
+            "wss://lb.example/ws?room=a%20b-0"
+        );
+        assert_eq!(secure.tls(), Ok(true));
+        let unmeasured = Scenario {
+            metrics_urls: Vec::new(),
+            ..secure.clone()
+        };
+        assert!(unmeasured.validate().unwrap_err().contains("--metrics-url"));
+        let plain_with_ca = Scenario {
+            ca_file: Some("ca.pem".into()),
+            ..balanced.clone()
+        };
+        assert!(plain_with_ca.validate().unwrap_err().contains("wss://"));
+        for bad in ["ws://x:1/ws?room=a", "http://x:1", "not a url"] {
             let s = Scenario {
                 url: bad.into(),
                 ..s.clone()

@@ -19,11 +19,13 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
+use rustls::ClientConfig;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::ClientHandshake;
 use tungstenite::handshake::{HandshakeError, MidHandshake};
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::{Message, WebSocket};
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Connector, Message, WebSocket};
 
 use crate::client::transient_udp_error;
 use crate::janus::{self, JanusPeer};
@@ -111,6 +113,8 @@ pub(crate) struct WorkerSetup {
     /// Signaling URL of every room.
     pub urls: Arc<Vec<String>>,
     pub server: SocketAddr,
+    /// For `wss://` URLs.
+    pub tls: Option<Arc<ClientConfig>>,
     /// Address our UDP sockets bind to (the one that routes to the server).
     pub local_ip: IpAddr,
     pub time_base: TimeBase,
@@ -140,6 +144,7 @@ pub(crate) fn run(setup: WorkerSetup) {
         scenario: setup.scenario,
         urls: setup.urls,
         server: setup.server,
+        tls: setup.tls,
         local_ip: setup.local_ip,
         time_base: setup.time_base,
         poll: setup.poll,
@@ -170,6 +175,7 @@ struct Worker {
     scenario: Arc<Scenario>,
     urls: Arc<Vec<String>>,
     server: SocketAddr,
+    tls: Option<Arc<ClientConfig>>,
     local_ip: IpAddr,
     time_base: TimeBase,
     poll: Poll,
@@ -371,7 +377,7 @@ impl Worker {
             measured,
             others_publish: scenario.publishers_per_room() > usize::from(publishes),
             peer,
-            conn: Conn::Connecting(tcp),
+            conn: Conn::Connecting(tcp, self.tls.clone()),
             url,
             close_frame: None,
             publisher,
@@ -553,11 +559,15 @@ impl End {
 
 /// The signaling connection's stages.
 enum Conn {
-    Connecting(TcpStream),
-    Handshaking(MidHandshake<ClientHandshake<TcpStream>>),
-    Open(WebSocket<TcpStream>),
+    /// With the TLS configuration for a `wss://` URL.
+    Connecting(TcpStream, Option<Arc<ClientConfig>>),
+    Handshaking(MidHandshake<ClientHandshake<Stream>>),
+    Open(WebSocket<Stream>),
     Closed,
 }
+
+/// The signaling stream: TCP, or TLS over it.
+type Stream = MaybeTlsStream<TcpStream>;
 
 /// The participant a session drives: corelay's protocol, or Janus's VideoRoom.
 /// Boxed: a participant is ~21 KB and sessions are moved around the worker's table.
@@ -641,7 +651,7 @@ struct Session {
 impl Session {
     fn on_signaling(&mut self, now: Instant) {
         match std::mem::replace(&mut self.conn, Conn::Closed) {
-            Conn::Connecting(tcp) => self.on_connect(tcp),
+            Conn::Connecting(tcp, tls) => self.on_connect(tcp, tls),
             Conn::Handshaking(mid) => self.on_handshake(mid.handshake()),
             Conn::Open(ws) => {
                 self.conn = Conn::Open(ws);
@@ -652,7 +662,7 @@ impl Session {
     }
 
     /// A nonblocking connect has finished when the socket is writable and has a peer.
-    fn on_connect(&mut self, tcp: TcpStream) {
+    fn on_connect(&mut self, tcp: TcpStream, tls: Option<Arc<ClientConfig>>) {
         if let Ok(Some(e)) | Err(e) = tcp.take_error() {
             self.end = Some(End::Failed(format!("connect: {:?}", e.kind())));
             return;
@@ -667,16 +677,19 @@ impl Session {
                     Participant::Corelay(_) => self.url.as_str().into_client_request(),
                     Participant::Janus(_) => janus::websocket_request(&self.url),
                 };
+                // The TLS handshake runs inside the WebSocket one, on the same
+                // readiness events: rustls reports WouldBlock like the socket.
                 match request {
-                    Ok(request) => self.on_handshake(tungstenite::client::client_with_config(
+                    Ok(request) => self.on_handshake(tungstenite::client_tls_with_config(
                         request,
                         tcp,
                         Some(config),
+                        tls.map(Connector::Rustls),
                     )),
                     Err(_) => self.end = Some(End::Failed("bad URL".into())),
                 }
             }
-            Err(e) if e.kind() == ErrorKind::NotConnected => self.conn = Conn::Connecting(tcp),
+            Err(e) if e.kind() == ErrorKind::NotConnected => self.conn = Conn::Connecting(tcp, tls),
             Err(e) => self.end = Some(End::Failed(format!("connect: {:?}", e.kind()))),
         }
     }
@@ -684,11 +697,8 @@ impl Session {
     fn on_handshake(
         &mut self,
         result: Result<
-            (
-                WebSocket<TcpStream>,
-                tungstenite::handshake::client::Response,
-            ),
-            HandshakeError<ClientHandshake<TcpStream>>,
+            (WebSocket<Stream>, tungstenite::handshake::client::Response),
+            HandshakeError<ClientHandshake<Stream>>,
         >,
     ) {
         match result {
@@ -697,8 +707,10 @@ impl Session {
             Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => {
                 self.end = Some(End::Failed(format!("http {}", response.status().as_u16())));
             }
-            Err(HandshakeError::Failure(_)) => {
-                self.end = Some(End::Failed("websocket handshake".into()));
+            // With the reason, which names a certificate the harness does not trust.
+            // Its variety is bounded: tungstenite's, rustls's and the OS's errors.
+            Err(HandshakeError::Failure(e)) => {
+                self.end = Some(End::Failed(format!("websocket handshake: {e}")));
             }
         }
     }

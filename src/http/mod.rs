@@ -149,7 +149,10 @@ async fn handle(mut stream: TcpStream, hub: &Rc<Hub>, over_limit: bool) {
             .await;
         }
         ("GET", "/client/capabilities") => {
-            let body = capabilities(hub, header("host")).to_string();
+            // Behind a balancer that terminates TLS (`deploy/haproxy.cfg` says so in
+            // this header), a page served over HTTPS may only open `wss://`.
+            let tls = header("x-forwarded-proto").is_some_and(|p| p.eq_ignore_ascii_case("https"));
+            let body = capabilities(hub, header("host"), tls).to_string();
             let _ = respond(&mut stream, 200, "application/json", body.as_bytes()).await;
         }
         ("GET", "/debug/rooms") => {
@@ -229,12 +232,13 @@ fn query_param(query: &str, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-fn capabilities(hub: &Hub, host: Option<&str>) -> serde_json::Value {
+fn capabilities(hub: &Hub, host: Option<&str>, tls: bool) -> serde_json::Value {
     let host = host.unwrap_or("localhost");
+    let scheme = if tls { "wss" } else { "ws" };
     json!({
         "rtc": {
             "protocol_version": 1,
-            "signaling_url": format!("ws://{host}/ws"),
+            "signaling_url": format!("{scheme}://{host}/ws"),
             "signaling_transport": "websocket",
             "topologies": ["sfu"],
             "features": ["audio", "video", "screen", "media_state", "keyframe_on_subscribe", "nack"],

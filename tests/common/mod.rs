@@ -127,10 +127,18 @@ pub struct Ws(pub WebSocket<MaybeTlsStream<TcpStream>>);
 impl Ws {
     pub fn connect(url: &str) -> Self {
         let (ws, _) = tungstenite::connect(url).expect("websocket connect");
-        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
-            s.set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
-        }
+        Self::over(ws)
+    }
+
+    /// Wraps a connected WebSocket, plain or TLS.
+    pub fn over(ws: WebSocket<MaybeTlsStream<TcpStream>>) -> Self {
+        let tcp = match ws.get_ref() {
+            MaybeTlsStream::Rustls(s) => s.get_ref(),
+            MaybeTlsStream::Plain(s) => s,
+            _ => unreachable!("tungstenite is built with rustls only"),
+        };
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         Self(ws)
     }
 
@@ -172,13 +180,17 @@ impl Ws {
     }
 
     pub fn join(url: &str, room: &str, user: &str) -> (Self, Value) {
-        let mut ws = Self::connect(url);
-        ws.send(&format!(
+        Self::connect(url).join_as(room, user)
+    }
+
+    /// Joins on this connection.
+    pub fn join_as(mut self, room: &str, user: &str) -> (Self, Value) {
+        self.send(&format!(
             r#"{{"type":"join","sessionId":"{room}","userId":"{user}"}}"#
         ));
-        let joined = ws.recv();
+        let joined = self.recv();
         assert_eq!(joined["type"], "joined", "{joined}");
-        (ws, joined)
+        (self, joined)
     }
 }
 
