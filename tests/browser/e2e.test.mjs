@@ -6,6 +6,10 @@
 // page's subscriber connection (window.corelay.sub). Then it checks that muting shows
 // on the other side and that closing a tab removes its tile.
 //
+// A second test takes the production path: the page over HTTPS from Debian's HAProxy
+// running deploy/haproxy.cfg (TLS on a certificate made with openssl), signaling over
+// wss:// through it, media straight to the instance.
+//
 // Run: cargo build --release && (cd tests/browser && npm ci && npm test)
 // Env: CORELAY_BIN (default <repo>/target/release/corelay), CHROMIUM_PATH
 // (default /usr/bin/chromium). With CI set, a missing browser or binary fails the test
@@ -13,8 +17,11 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import https from 'node:https';
+import net from 'node:net';
+import os from 'node:os';
 import { createInterface } from 'node:readline';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -23,6 +30,7 @@ import { chromium } from 'playwright-core';
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const serverBin = process.env.CORELAY_BIN || path.join(repo, 'target', 'release', 'corelay');
 const chromiumPath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const haproxyPath = '/usr/sbin/haproxy';
 const inCi = !!process.env.CI;
 
 const MEDIA_DEADLINE_MS = 30_000;
@@ -39,7 +47,10 @@ const CHROMIUM_ARGS = [
 ];
 
 /** Why the test cannot run here, or null. Missing prerequisites skip locally, fail in CI. */
-function missingPrerequisite() {
+function missingPrerequisite({ balancer = false } = {}) {
+  if (balancer && !existsSync(haproxyPath)) {
+    return `no HAProxy at ${haproxyPath} (apt-get install -y haproxy)`;
+  }
   if (!existsSync(chromiumPath)) {
     return `no Chromium at ${chromiumPath} (apt-get install -y chromium, or set CHROMIUM_PATH)`;
   }
@@ -62,8 +73,9 @@ function tail(max) {
  * Starts the server and resolves with { port, proc, stdout, stderr } once it prints its
  * `listening http://<ip>:<port>` line.
  */
-async function startServer() {
-  const args = ['--port', '0', '--udp-port-base', '0', '--shards', '2', '--public-ip', '127.0.0.1'];
+async function startServer(extraArgs = []) {
+  const args = ['--port', '0', '--udp-port-base', '0', '--shards', '2', '--public-ip', '127.0.0.1',
+    ...extraArgs];
   const proc = spawn(serverBin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   const stdout = tail(50);
   const stderr = tail(200);
@@ -88,6 +100,54 @@ async function startServer() {
   const server = { port, proc, stdout, stderr, exited: null };
   proc.once('exit', (code, sig) => { server.exited = `code ${code}, signal ${sig}`; });
   return server;
+}
+
+/** A port nothing listens on now. */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer().once('error', reject).listen(0, '127.0.0.1', () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+/** Status of `GET path` over TLS, trusting `ca` only; null when it cannot connect. */
+function httpsStatus(port, path, ca) {
+  return new Promise((resolve) => {
+    https.get({ host: '127.0.0.1', port, path, ca, timeout: 2_000 }, (res) => {
+      res.resume();
+      resolve(res.statusCode);
+    }).on('error', () => resolve(null));
+  });
+}
+
+/**
+ * HAProxy with deploy/haproxy.cfg on `port`, in front of one instance (named twice), with
+ * a self-signed certificate for 127.0.0.1 in `dir`. Resolves once it proxies /health.
+ */
+async function startBalancer(port, instancePort, dir) {
+  const key = path.join(dir, 'key.pem');
+  const cert = path.join(dir, 'cert.pem');
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+    '-nodes', '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
+    '-keyout', key, '-out', cert], { stdio: 'ignore' });
+  const pem = path.join(dir, 'balancer.pem');
+  writeFileSync(pem, Buffer.concat([readFileSync(cert), readFileSync(key)]));
+  const instance = `127.0.0.1:${instancePort}`;
+  const proc = spawn(haproxyPath, ['-db', '-f', path.join(repo, 'deploy', 'haproxy.cfg')], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, CORELAY_LB_BIND: `127.0.0.1:${port}`, CORELAY_LB_CERT: pem,
+      CORELAY_1: instance, CORELAY_2: instance },
+  });
+  const stderr = tail(50);
+  createInterface({ input: proc.stderr }).on('line', (l) => stderr.push(l));
+  const ca = readFileSync(cert);
+  await waitFor('HAProxy to proxy /health', async () => {
+    if (proc.exitCode !== null) throw new Error(`haproxy exited: ${stderr.text()}`);
+    return (await httpsStatus(port, '/health', ca)) === 200;
+  }, 10_000);
+  return proc;
 }
 
 async function stopServer(server) {
@@ -142,19 +202,32 @@ async function waitFor(what, check, deadlineMs = MEDIA_DEADLINE_MS) {
   }
 }
 
-test('two tabs see and hear each other through corelay', async (t) => {
-  const missing = missingPrerequisite();
-  if (missing) {
-    if (inCi) assert.fail(missing);
-    t.skip(missing);
-    return;
-  }
+/** A tab on `url` whose console is kept for the failure report. */
+async function openTab(context, url, name) {
+  const page = await context.newPage();
+  const consoleTail = tail(150);
+  page.on('console', (m) => consoleTail.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => consoleTail.push(`[pageerror] ${e.message}`));
+  await page.goto(url);
+  return { name, page, console: consoleTail };
+}
 
-  const server = await startServer();
-  let browser;
-  const tabs = [];
-  // Everything a person would need to see why it failed.
-  const report = async (err) => {
+/** Waits until each tab decodes video from and receives audio of the other. */
+async function expectMutualMedia(tabs) {
+  for (const tab of tabs) {
+    const stats = await waitFor(`media in tab ${tab.name}`, async () => {
+      const s = await subscriberStats(tab.page);
+      const ok = s && s.video.framesDecoded > MIN_FRAMES &&
+        s.audio.packetsReceived > 0 && s.audio.bytesReceived > 0;
+      return ok && s;
+    });
+    console.log(`${tab.name} receives: ${JSON.stringify(stats)}`);
+  }
+}
+
+/** Everything a person would need to see why a test failed. */
+function reporter(tabs, server) {
+  return async (err) => {
     const parts = [`FAILED: ${err.message}`];
     for (const tab of tabs) {
       let status = '(page closed)';
@@ -171,31 +244,35 @@ test('two tabs see and hear each other through corelay', async (t) => {
       '--- server stderr (tail):', server.stderr.text());
     console.error(parts.join('\n'));
   };
+}
+
+/** Skips (or, in CI, fails) the test when something it needs is missing. */
+function prerequisitesMet(t, options) {
+  const missing = missingPrerequisite(options);
+  if (missing) {
+    if (inCi) assert.fail(missing);
+    t.skip(missing);
+  }
+  return !missing;
+}
+
+test('two tabs see and hear each other through corelay', async (t) => {
+  if (!prerequisitesMet(t)) return;
+
+  const server = await startServer();
+  let browser;
+  const tabs = [];
+  const report = reporter(tabs, server);
 
   try {
     browser = await chromium.launch({ executablePath: chromiumPath, headless: true, args: CHROMIUM_ARGS });
     const context = await browser.newContext();
     const base = `http://127.0.0.1:${server.port}/?room=e2e`;
     for (const name of ['alice', 'bob']) {
-      const page = await context.newPage();
-      const consoleTail = tail(150);
-      page.on('console', (m) => consoleTail.push(`[${m.type()}] ${m.text()}`));
-      page.on('pageerror', (e) => consoleTail.push(`[pageerror] ${e.message}`));
-      tabs.push({ name, page, console: consoleTail });
-      await page.goto(`${base}&user=${name}`);
+      tabs.push(await openTab(context, `${base}&user=${name}`, name));
     }
 
-    await step('each tab decodes video and receives audio from the other', async () => {
-      for (const tab of tabs) {
-        const stats = await waitFor(`media in tab ${tab.name}`, async () => {
-          const s = await subscriberStats(tab.page);
-          const ok = s && s.video.framesDecoded > MIN_FRAMES &&
-            s.audio.packetsReceived > 0 && s.audio.bytesReceived > 0;
-          return ok && s;
-        });
-        console.log(`${tab.name} receives: ${JSON.stringify(stats)}`);
-      }
-    });
+    await step('each tab decodes video and receives audio from the other', () => expectMutualMedia(tabs));
 
     await step('each tab shows one tile, named after the other peer', async () => {
       const ids = await Promise.all(tabs.map((tab) => tab.page.evaluate(() => window.corelay.peerId)));
@@ -249,11 +326,7 @@ test('two tabs see and hear each other through corelay', async (t) => {
       // her new ones: Chromium must take both, and decode the new video.
       const bob = tabs[1];
       const before = (await subscriberStats(bob.page)).video.framesDecoded;
-      const page = await (await browser.contexts()[0]).newPage();
-      const consoleTail = tail(150);
-      page.on('console', (m) => consoleTail.push(`[${m.type()}] ${m.text()}`));
-      tabs[0] = { name: 'alice again', page, console: consoleTail };
-      await page.goto(`http://127.0.0.1:${server.port}/?room=e2e&user=alice`);
+      tabs[0] = await openTab(browser.contexts()[0], `${base}&user=alice`, 'alice again');
       await waitFor('video from the returning alice in bob', async () => {
         const s = await subscriberStats(bob.page);
         return s && s.video.framesDecoded > before + MIN_FRAMES;
@@ -269,5 +342,50 @@ test('two tabs see and hear each other through corelay', async (t) => {
   } finally {
     await browser?.close().catch(() => {});
     await stopServer(server);
+  }
+});
+
+test('two tabs see and hear each other through the TLS balancer', async (t) => {
+  if (!prerequisitesMet(t, { balancer: true })) return;
+
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'corelay-e2e-tls-'));
+  const port = await freePort();
+  const origin = `https://127.0.0.1:${port}`;
+  // The page's origin is the balancer's, which the instance must allow.
+  const server = await startServer(['--cors-origins', origin]);
+  let balancer;
+  let browser;
+  const tabs = [];
+  const report = reporter(tabs, server);
+
+  try {
+    balancer = await startBalancer(port, server.port, dir);
+    browser = await chromium.launch({ executablePath: chromiumPath, headless: true, args: CHROMIUM_ARGS });
+    // The certificate is the test's own; the page is still a secure context.
+    const context = await browser.newContext({ ignoreHTTPSErrors: true });
+    for (const name of ['carol', 'dave']) {
+      tabs.push(await openTab(context, `${origin}/?room=tls&user=${name}`, name));
+    }
+
+    await step('the page is a secure context and signals over wss://', async () => {
+      for (const tab of tabs) {
+        assert.equal(await tab.page.evaluate(() => window.isSecureContext), true);
+        // Open, so the instance took the balancer's origin.
+        const ws = await waitFor(`an open WebSocket in tab ${tab.name}`, () =>
+          tab.page.evaluate(() => window.corelay?.ws?.readyState === WebSocket.OPEN && window.corelay.ws.url),
+        10_000);
+        assert.match(ws, new RegExp(`^wss://127\\.0\\.0\\.1:${port}/ws\\?room=tls`));
+      }
+    });
+
+    await step('each tab decodes video and receives audio from the other', () => expectMutualMedia(tabs));
+  } catch (err) {
+    await report(err);
+    throw err;
+  } finally {
+    await browser?.close().catch(() => {});
+    balancer?.kill();
+    await stopServer(server);
+    rmSync(dir, { recursive: true, force: true });
   }
 });
