@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -20,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, Ws};
-use corelay_loadtest::probe::parse_http_response;
+use corelay_loadtest::probe::get_over;
 use corelay_loadtest::{Preset, Scenario, run, tls};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
@@ -98,19 +97,7 @@ impl Balancer {
             .map_err(|e| e.to_string())?;
         let name = ServerName::from(self.addr.ip());
         let conn = ClientConnection::new(self.tls.clone(), name).map_err(|e| e.to_string())?;
-        let mut stream = StreamOwned::new(conn, tcp);
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.addr
-        );
-        stream
-            .write_all(request.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut response = Vec::new();
-        // The answer is complete when HAProxy closes, with or without a TLS
-        // close_notify first; a short one fails to parse below.
-        let _ = stream.read_to_end(&mut response);
-        parse_http_response(&response)
+        get_over(StreamOwned::new(conn, tcp), &self.addr.to_string(), path)
     }
 
     /// A WebSocket through the balancer, over TLS.

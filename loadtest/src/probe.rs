@@ -311,12 +311,21 @@ pub fn http_get(authority: &str, path: &str) -> Result<String, String> {
         .map_err(|e| format!("{authority}: {e}"))?
         .next()
         .ok_or_else(|| format!("{authority} does not resolve"))?;
-    let mut stream =
-        TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT).map_err(|e| e.to_string())?;
+    let stream = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(SCRAPE_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(SCRAPE_TIMEOUT)))
         .map_err(|e| e.to_string())?;
+    get_over(stream, authority, path)
+}
+
+/// `GET path` with `Host: authority` over a connected `stream`, plain or TLS, which
+/// the server closes after its answer; returns the body of a 200 response.
+pub fn get_over(
+    mut stream: impl Read + Write,
+    authority: &str,
+    path: &str,
+) -> Result<String, String> {
     let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())
@@ -331,7 +340,7 @@ pub fn http_get(authority: &str, path: &str) -> Result<String, String> {
 
 /// The body of a complete 200 response (by `Content-Length` when given, else
 /// everything after the head).
-pub fn parse_http_response(response: &[u8]) -> Result<String, String> {
+fn parse_http_response(response: &[u8]) -> Result<String, String> {
     let text = String::from_utf8_lossy(response);
     let (head, body) = text
         .split_once("\r\n\r\n")

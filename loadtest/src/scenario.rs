@@ -168,7 +168,9 @@ impl Scenario {
             return Err("--server-pid measures one local server: behind a load balancer, CPU and memory come from each instance's --metrics-url".into());
         }
         self.metrics_endpoints()?;
-        if self.ca_file.is_some() && !self.tls()? {
+        // Also checks the URL when the metrics come from elsewhere.
+        let tls = self.tls()?;
+        if self.ca_file.is_some() && !tls {
             return Err("--ca-file is for a wss:// URL".into());
         }
         Ok(())
@@ -406,11 +408,13 @@ mod tests {
         };
         assert!(plain_with_ca.validate().unwrap_err().contains("wss://"));
         for bad in ["ws://x:1/ws?room=a", "http://x:1", "not a url"] {
-            let s = Scenario {
-                url: bad.into(),
-                ..s.clone()
-            };
-            assert!(s.validate().is_err(), "{bad}");
+            for base in [&s, &balanced] {
+                let s = Scenario {
+                    url: bad.into(),
+                    ..base.clone()
+                };
+                assert!(s.validate().is_err(), "{bad}");
+            }
         }
     }
 
