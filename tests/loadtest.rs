@@ -68,6 +68,7 @@ fn short_run_delivers_media_without_loss_and_writes_reports() {
         "scenario",
         "peers",
         "join_ms",
+        "connect_ms",
         "first_video_ms",
         "latency_ms",
         "loss",
@@ -149,4 +150,49 @@ fn webinar_subscribers_receive_the_one_publisher() {
     assert_eq!(report.peers.joins, 25);
     // Everyone but the publisher, who has no one to watch.
     assert_eq!(common::first_videos(&report), 24);
+}
+
+#[test]
+fn a_run_whose_server_goes_away_stops_and_says_so() {
+    let mut server = TestServer::start(&[]);
+    let scenario = Scenario {
+        url: format!("ws://{}", server.addr),
+        rooms: 2,
+        // Far longer than the test may take: the run must notice it has nobody left.
+        duration: Duration::from_secs(600),
+        room_prefix: "vanishing".into(),
+        ..Scenario::preset(Preset::Meeting)
+    };
+    let planned = scenario.total_peers() as u64;
+    let report = run(&scenario, |sample| {
+        if sample.joined == planned {
+            server.kill();
+        }
+    })
+    .expect("run starts");
+    eprint!("{}", report.table());
+
+    let peers = &report.peers;
+    assert_eq!(peers.joins, planned, "{:?}", peers.join_failures);
+    assert_eq!(
+        peers.ends.values().sum::<u64>(),
+        planned,
+        "{:?}",
+        peers.ends
+    );
+    assert!(
+        peers
+            .ends
+            .keys()
+            .all(|end| end.starts_with("connection lost")),
+        "{:?}",
+        peers.ends
+    );
+    let stopped = report.stopped_early_s.expect("stopped early");
+    assert!(report.elapsed_s < 60.0, "{}", report.elapsed_s);
+    assert!(
+        report.warnings[0].starts_with(&format!("THE RUN STOPPED AT {stopped:.0} s OF 600")),
+        "{:?}",
+        report.warnings
+    );
 }

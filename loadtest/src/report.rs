@@ -30,12 +30,18 @@ pub struct Report {
     pub started_unix_ms: u64,
     /// From the first join to the end of the leave phase.
     pub elapsed_s: f64,
+    /// When the run stopped before its time because no participant was left and
+    /// none was due (every join failed, or the server dropped everyone).
+    pub stopped_early_s: Option<f64>,
     /// The steady window: everyone due has joined; rates and CPU figures average
     /// over it.
     pub steady: Window,
     pub peers: PeerFigures,
     /// `join` sent to `joined` received.
     pub join_ms: Option<Distribution>,
+    /// TCP connect started to `joined`: the join with the TCP, TLS and WebSocket
+    /// handshakes before it (what a user waits for).
+    pub connect_ms: Option<Distribution>,
     /// To the first remote video packet, from the later of our `join` and the first
     /// video `track_published` (so early joiners do not count the wait for others).
     pub first_video_ms: Option<Distribution>,
@@ -362,6 +368,7 @@ impl Report {
             ("join failures", keyed(&p.join_failures)),
             ("session ends", keyed(&p.ends)),
             ("join -> joined", dist(&self.join_ms)),
+            ("connect -> joined", dist(&self.connect_ms)),
             ("join -> first video", dist(&self.first_video_ms)),
             ("end-to-end latency", dist(&self.latency_ms)),
             ("loss (stamps, e2e)", loss(&self.loss.measured)),
@@ -523,6 +530,15 @@ impl Report {
             ));
         }
         let limited = !warnings.is_empty();
+        if let Some(t) = self.stopped_early_s {
+            warnings.insert(
+                0,
+                format!(
+                    "THE RUN STOPPED AT {t:.0} s OF {:.0}: no participant was left and none was due to join (see the join failures and session ends)",
+                    (self.scenario.ramp() + self.scenario.duration).as_secs_f64()
+                ),
+            );
+        }
         if h.tx_dropped > 0 {
             warnings.push(format!(
                 "{} datagrams were dropped by the harness's own send buffers",
@@ -612,6 +628,7 @@ pub(crate) mod tests {
             scenario: Scenario::preset(Preset::Meeting),
             started_unix_ms: 1_700_000_000_000,
             elapsed_s: 5.0,
+            stopped_early_s: None,
             steady: Window {
                 from_s: 2.0,
                 to_s: 5.0,
@@ -625,6 +642,7 @@ pub(crate) mod tests {
                 ..PeerFigures::default()
             },
             join_ms: Distribution::from_micros(&latency),
+            connect_ms: Distribution::from_micros(&latency),
             first_video_ms: None,
             latency_ms: Distribution::from_micros(&latency),
             loss: LossFigures {
@@ -696,8 +714,10 @@ pub(crate) mod tests {
     #[test]
     fn json_shape() {
         let json: serde_json::Value = serde_json::from_str(&sample_report().to_json()).unwrap();
-        assert_eq!(json.as_object().unwrap().len(), 14);
+        assert_eq!(json.as_object().unwrap().len(), 16);
         assert_eq!(json["first_video_ms"], serde_json::Value::Null);
+        assert_eq!(json["stopped_early_s"], serde_json::Value::Null);
+        assert_eq!(json["connect_ms"]["p99"], 9.0);
         assert_eq!(json["steady"]["from_s"], 2.0);
         assert_eq!(json["server"]["cpu_us_per_forwarded_packet"], 5.0);
         assert_eq!(json["harness"]["limited"], false);
@@ -790,6 +810,12 @@ pub(crate) mod tests {
         starved.assess();
         assert!(starved.harness.limited);
         assert!(starved.warnings[0].contains("WAITED FOR A CPU 35%"));
+
+        let mut abandoned = sample_report();
+        abandoned.stopped_early_s = Some(3.0);
+        abandoned.assess();
+        assert!(!abandoned.harness.limited, "not the harness's limit");
+        assert!(abandoned.warnings[0].starts_with("THE RUN STOPPED AT 3 s OF 30"));
 
         let mut lagging = sample_report();
         lagging.harness.lag_p50_ms = 40.0;

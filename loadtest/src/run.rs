@@ -107,6 +107,7 @@ pub fn run(scenario: &Scenario, mut progress: impl FnMut(&Sample)) -> Result<Rep
 
     let end = start + scenario.ramp() + scenario.duration;
     let mut next = start + TICK;
+    let mut stopped_early = None;
     loop {
         thread::sleep(next.saturating_duration_since(Instant::now()));
         let sample = run.tick();
@@ -114,11 +115,17 @@ pub fn run(scenario: &Scenario, mut progress: impl FnMut(&Sample)) -> Result<Rep
         if next >= end {
             break;
         }
+        // Everyone failed or was dropped (a server gone, a wrong URL): waiting out
+        // the duration would only add zeros.
+        if run.workers.iter().all(|w| w.latest.idle) {
+            stopped_early = Some(sample.t);
+            break;
+        }
         next += TICK;
     }
     let steady_end = run.checkpoints.len().saturating_sub(1);
     run.stop();
-    let mut report = run.report(started_unix_ms, steady_end);
+    let mut report = run.report(started_unix_ms, steady_end, stopped_early);
     if let (Some(pid), Some(bytes)) = (scenario.server_pid, report.mean_datagram_bytes()) {
         match floor::measure(local_ip, probe::pinned_cpu(pid), bytes, FLOOR_TIME) {
             Ok(floor) => report.server.floor = Some(floor),
@@ -207,6 +214,7 @@ struct Coordinator {
     series: Vec<Sample>,
     latency: Histogram,
     join: Histogram,
+    connect: Histogram,
     first_video: Histogram,
     /// This tick's interval data, reset each tick.
     interval_latency: Histogram,
@@ -235,6 +243,7 @@ impl Coordinator {
             series: Vec::new(),
             latency: Histogram::default(),
             join: Histogram::default(),
+            connect: Histogram::default(),
             first_video: Histogram::default(),
             interval_latency: Histogram::default(),
             interval_lag: Duration::ZERO,
@@ -288,6 +297,7 @@ impl Coordinator {
         for (total, interval) in [
             (&mut self.latency, &report.latency),
             (&mut self.join, &report.join),
+            (&mut self.connect, &report.connect),
             (&mut self.first_video, &report.first_video),
         ] {
             total.merge(interval);
@@ -313,6 +323,7 @@ impl Coordinator {
         w.done |= report.done;
         report.latency = Histogram::default();
         report.join = Histogram::default();
+        report.connect = Histogram::default();
         report.first_video = Histogram::default();
         w.latest = report;
     }
@@ -390,7 +401,12 @@ impl Coordinator {
 
     /// The figures; rates and CPU over the steady window, which ends at checkpoint
     /// `steady_end` (the last before the leave phase).
-    fn report(&self, started_unix_ms: u64, steady_end: usize) -> Report {
+    fn report(
+        &self,
+        started_unix_ms: u64,
+        steady_end: usize,
+        stopped_early_s: Option<f64>,
+    ) -> Report {
         let scenario = &*self.scenario;
         let steady_from = self.start + scenario.ramp() + WARMUP.min(scenario.duration / 2);
         let first = self
@@ -441,12 +457,14 @@ impl Coordinator {
             scenario: scenario.clone(),
             started_unix_ms,
             elapsed_s: self.start.elapsed().as_secs_f64(),
+            stopped_early_s,
             steady: Window {
                 from_s: a.at.duration_since(self.start).as_secs_f64(),
                 to_s: b.at.duration_since(self.start).as_secs_f64(),
             },
             peers,
             join_ms: Distribution::from_micros(&self.join),
+            connect_ms: Distribution::from_micros(&self.connect),
             first_video_ms: Distribution::from_micros(&self.first_video),
             latency_ms: Distribution::from_micros(&self.latency),
             loss: LossFigures {

@@ -97,11 +97,14 @@ pub(crate) struct WorkerStats {
     pub tx_dropped: u64,
     pub latency: Histogram,
     pub join: Histogram,
+    pub connect: Histogram,
     pub first_video: Histogram,
     /// Latest a timer or planned join ran past its due time.
     pub lag: Duration,
     /// This thread's running and waiting times.
     pub times: Option<probe::ThreadTimes>,
+    /// No session is live and none is due: nothing more can happen in this worker.
+    pub idle: bool,
     /// The last report: every session has ended.
     pub done: bool,
 }
@@ -383,6 +386,7 @@ impl Worker {
             publisher,
             subscriber,
             join_deadline: now + scenario.join_timeout,
+            opened: now,
             join_sent: None,
             recorded_join: false,
             recorded_video: false,
@@ -518,9 +522,11 @@ impl Worker {
         report.tx_dropped = stats.tx_dropped;
         report.latency = std::mem::take(&mut stats.latency);
         report.join = std::mem::take(&mut stats.join);
+        report.connect = std::mem::take(&mut stats.connect);
         report.first_video = std::mem::take(&mut stats.first_video);
         report.lag = std::mem::take(&mut stats.lag);
         report.times = probe::thread_times();
+        report.idle = self.plan.is_empty() && self.rejoin.is_empty() && self.live() == 0;
         report.done = done;
         self.reports.send(report).is_ok()
     }
@@ -636,6 +642,8 @@ struct Session {
     publisher: UdpSocket,
     subscriber: UdpSocket,
     join_deadline: Instant,
+    /// When the TCP connect started.
+    opened: Instant,
     join_sent: Option<Instant>,
     recorded_join: bool,
     recorded_video: bool,
@@ -823,8 +831,9 @@ impl Session {
         }
     }
 
-    /// Join time (`join` sent to `joined`) and time to first video (from when video
-    /// was both asked for and announced to its arrival), each once.
+    /// Join time (`join` sent to `joined`, and from the TCP connect, so with the
+    /// handshakes) and time to first video (from when video was both asked for and
+    /// announced to its arrival), each once.
     fn record_milestones(&mut self, stats: &mut WorkerStats) {
         let m = self.peer.milestones();
         let Some(sent) = self.join_sent else {
@@ -839,6 +848,9 @@ impl Session {
             stats
                 .join
                 .record(micros(joined.saturating_duration_since(sent)));
+            stats
+                .connect
+                .record(micros(joined.saturating_duration_since(self.opened)));
         }
         if !self.recorded_video
             && let (Some(announced), Some(first)) = (m.video_announced, m.first_video)

@@ -56,6 +56,12 @@ impl TestServer {
         Self { child, addr }
     }
 
+    /// Ends the process at once, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -215,7 +221,17 @@ pub fn assert_clean_run(report: &Report) {
     assert_eq!(peers.without_media, 0, "everyone received media");
     assert_eq!(peers.violations, 0, "{:?}", peers.violation_samples);
     assert!(peers.errors.is_empty(), "{:?}", peers.errors);
-    assert!(report.join_ms.is_some_and(|j| j.count == peers.joins));
+    assert_eq!(report.stopped_early_s, None, "the run went its full length");
+    let join = report.join_ms.expect("join times");
+    assert_eq!(join.count, peers.joins);
+    // Every session's handshakes come before its join, so each percentile of the
+    // whole is at least the join's.
+    let connect = report.connect_ms.expect("connect times");
+    assert_eq!(connect.count, join.count);
+    assert!(
+        connect.p50 >= join.p50 && connect.p99 >= join.p99,
+        "{connect:?} {join:?}"
+    );
     // Decrypted and stamped by the measuring participants; counted from clear RTP
     // headers by everyone else.
     let (measured, counted) = (report.loss.measured, report.loss.counted);
