@@ -458,14 +458,25 @@ impl Touched {
     }
 }
 
+/// Builds the process's shared crypto and its DTLS config now, so that the first
+/// participant's join does not carry the one-time set-up.
+pub(crate) fn warm_up() {
+    Endpoint::new(
+        Leg::Subscriber,
+        SocketAddr::from(([127, 0, 0, 1], 9)),
+        Instant::now(),
+    );
+}
+
 /// One crypto provider and one DTLS certificate for every connection in the process.
-/// Generating a certificate costs a fraction of a millisecond per connection, which
-/// adds up over a load run's joins, and nothing requires them to differ: each DTLS
-/// session still has its own keys.
+/// Generating a certificate costs a fraction of a millisecond per connection, and
+/// str0m's stock provider builds a DTLS config (a crypto self-test, about 1 ms) for
+/// each: on a worker's thread that stalls every participant it runs. Nothing
+/// requires them to differ: each DTLS session still has its own keys.
 fn shared_crypto() -> &'static (Arc<CryptoProvider>, Option<DtlsCert>) {
     static SHARED: OnceLock<(Arc<CryptoProvider>, Option<DtlsCert>)> = OnceLock::new();
     SHARED.get_or_init(|| {
-        let provider = str0m::crypto::from_feature_flags();
+        let provider = corelay::media::dtls::crypto_provider();
         let cert = provider.dtls_provider.generate_certificate();
         (Arc::new(provider), cert)
     })

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::Waker;
 
 use crate::floor;
-use crate::peer::{RxTotals, TimeBase};
+use crate::peer::{self, RxTotals, TimeBase};
 use crate::probe::{self, ServerProbe, ServerSample, ThreadTimes};
 use crate::report::{
     Distribution, HarnessFigures, Loss, LossFigures, PeerFigures, Rates, Report, Sample,
@@ -51,6 +51,7 @@ pub fn run(scenario: &Scenario, mut progress: impl FnMut(&Sample)) -> Result<Rep
         .then(|| tls::client_config(scenario.ca_file.as_deref()))
         .transpose()?;
     probe::raise_fd_limit();
+    peer::warm_up();
     let probe = ServerProbe::new(scenario.server_pid, metrics);
     let scenario = Arc::new(scenario.clone());
     let started_unix_ms = SystemTime::now()
