@@ -174,6 +174,8 @@ jq -n -r --slurpfile c "$out/corelay.json" --slurpfile j "$out/janus.json" '
     ["latency p99, ms", .latency_ms.p99],
     ["join time p50, ms", .join_ms.p50],
     ["join time p99, ms", .join_ms.p99],
+    ["connect to joined p50, ms", .connect_ms.p50],
+    ["connect to joined p99, ms", .connect_ms.p99],
     ["first video p50, ms", .first_video_ms.p50],
     ["server memory, MB", .server.rss_mb],
     ["joins", .peers.joins],
