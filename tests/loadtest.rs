@@ -188,6 +188,7 @@ fn a_run_whose_server_goes_away_stops_and_says_so() {
         "{:?}",
         peers.ends
     );
+    assert_eq!(peers.cut_off, planned);
     let stopped = report.stopped_early_s.expect("stopped early");
     assert!(report.elapsed_s < 60.0, "{}", report.elapsed_s);
     assert!(

@@ -74,6 +74,9 @@ pub struct PeerFigures {
     pub join_failures: BTreeMap<String, u64>,
     /// How joined sessions ended, by reason (`left` is a clean leave).
     pub ends: BTreeMap<String, u64>,
+    /// Joined sessions that ended other than as planned (a clean leave, or churn
+    /// dropping its socket): the server closed them, or the connection broke.
+    pub cut_off: u64,
     /// Sessions that should have received media (another publisher in the room,
     /// joined long enough) and received none.
     pub without_media: u64,
@@ -90,6 +93,7 @@ impl PeerFigures {
         self.joins += other.joins;
         self.measured += other.measured;
         self.without_media += other.without_media;
+        self.cut_off += other.cut_off;
         self.violations += other.violations;
         for (into, from) in [
             (&mut self.join_failures, &other.join_failures),
@@ -299,6 +303,17 @@ impl Sample {
     }
 }
 
+/// Counts by key, as `key: n, key: n`.
+fn keyed(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "none".to_string();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map_or_else(|| "n/a".to_string(), f)
 }
@@ -323,15 +338,6 @@ impl Report {
                 l.duplicates,
                 l.reordered
             )
-        };
-        let keyed = |m: &BTreeMap<String, u64>| {
-            if m.is_empty() {
-                return "none".to_string();
-            }
-            m.iter()
-                .map(|(k, v)| format!("{k}: {v}"))
-                .collect::<Vec<_>>()
-                .join(", ")
         };
         let p = &self.peers;
         let r = &self.rates;
@@ -549,6 +555,13 @@ impl Report {
         let failures: u64 = p.join_failures.values().sum();
         if failures > 0 {
             warnings.push(format!("{failures} participants failed to join"));
+        }
+        if p.cut_off > 0 {
+            warnings.push(format!(
+                "{} joined participants were cut off before the run ended them: {}",
+                p.cut_off,
+                keyed(&p.ends)
+            ));
         }
         if p.without_media > 0 {
             warnings.push(format!(
@@ -797,6 +810,18 @@ pub(crate) mod tests {
                 .any(|w| w.contains("3 participants failed"))
         );
         assert!(report.warnings.iter().any(|w| w.contains("still holds 2")));
+
+        let mut dropped = sample_report();
+        dropped.peers.cut_off = 2;
+        dropped.peers.ends.insert("closed 1009".into(), 2);
+        dropped.assess();
+        assert!(!dropped.harness.limited, "the server's doing, not ours");
+        assert_eq!(
+            dropped.warnings,
+            [
+                "2 joined participants were cut off before the run ended them: closed 1009: 2, left: 5"
+            ]
+        );
 
         let mut overloaded = sample_report();
         overloaded.server.udp_rx_dropped = Some(1234);

@@ -459,10 +459,9 @@ impl Worker {
             count(&mut self.stats.peers.join_failures, end.label(false));
             return;
         };
-        count(
-            &mut self.stats.peers.ends,
-            end.label(session.leave_deadline.is_some()),
-        );
+        let leaving = session.leave_deadline.is_some();
+        self.stats.peers.cut_off += u64::from(!end.planned(leaving));
+        count(&mut self.stats.peers.ends, end.label(leaving));
         session.peer.drain_latency(&mut self.stats.latency);
         let totals = session.peer.rx_totals();
         if session.measured {
@@ -548,6 +547,14 @@ enum End {
 }
 
 impl End {
+    /// Whether a joined session ended as the run meant it to.
+    fn planned(&self, leaving: bool) -> bool {
+        matches!(
+            (self, leaving),
+            (End::Closed(Ok(1000)), true) | (End::Aborted, _)
+        )
+    }
+
     fn label(&self, leaving: bool) -> String {
         match (self, leaving) {
             (End::Closed(Ok(1000)), true) => "left".into(),
@@ -983,5 +990,12 @@ mod tests {
             End::Refused("room_full".into()).label(false),
             "refused: room_full"
         );
+        assert!(End::Closed(Ok(1000)).planned(true) && End::Aborted.planned(false));
+        assert!(
+            !End::Closed(Ok(1000)).planned(false),
+            "closed without a leave"
+        );
+        assert!(!End::Closed(Ok(1009)).planned(true));
+        assert!(!End::Closed(Err("reset".into())).planned(false));
     }
 }

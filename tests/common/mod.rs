@@ -222,6 +222,7 @@ pub fn assert_clean_run(report: &Report) {
     assert_eq!(peers.violations, 0, "{:?}", peers.violation_samples);
     assert!(peers.errors.is_empty(), "{:?}", peers.errors);
     assert_eq!(report.stopped_early_s, None, "the run went its full length");
+    assert_eq!(peers.cut_off, 0, "{:?}", peers.ends);
     let join = report.join_ms.expect("join times");
     assert_eq!(join.count, peers.joins);
     // Every session's handshakes come before its join, so each percentile of the
