@@ -825,16 +825,24 @@ impl Session {
             if let Err(e) = ws.write(Message::text(text))
                 && !would_block(&e)
             {
-                self.end = Some(End::Failed("signaling write".into()));
-                return;
+                return self.write_failed(&e, now);
             }
         }
         if let Err(e) = ws.flush()
             && !would_block(&e)
             && !matches!(e, tungstenite::Error::ConnectionClosed)
         {
-            // A closed connection is reported by the next read.
-            self.end = Some(End::Failed("signaling write".into()));
+            self.write_failed(&e, now);
+        }
+    }
+
+    /// A write fails mostly because the server closed the connection: what it sent
+    /// before, its close frame with the code that says why, is read first, so that
+    /// the session ends with that and not with the write's broken pipe.
+    fn write_failed(&mut self, e: &tungstenite::Error, now: Instant) {
+        self.read_signaling(now);
+        if self.peer.closed().is_none() {
+            self.end = Some(End::Failed(format!("signaling write: {e}")));
         }
     }
 
