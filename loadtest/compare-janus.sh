@@ -177,6 +177,7 @@ jq -n -r --slurpfile c "$out/corelay.json" --slurpfile j "$out/janus.json" '
     ["connect to joined p50, ms", .connect_ms.p50],
     ["connect to joined p99, ms", .connect_ms.p99],
     ["first video p50, ms", .first_video_ms.p50],
+    ["first keyframe p50, ms (measuring)", .first_keyframe_ms.p50],
     ["server memory, MB", .server.rss_mb],
     ["joins", .peers.joins],
     ["failed joins", ([.peers.join_failures[]] | add // 0)],

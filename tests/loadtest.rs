@@ -34,6 +34,15 @@ fn short_run_delivers_media_without_loss_and_writes_reports() {
     assert_eq!(peers.joins, 9);
     assert_eq!(common::first_videos(&report), 9);
     assert_eq!(peers.measured, 3, "one measuring participant per room");
+    // The measuring participants also see where their decoders can start. Every
+    // subscriber's video starts at a keyframe, so that is their first video packet.
+    let video = report.first_video_ms.expect("first video");
+    let keyframe = report.first_keyframe_ms.expect("first keyframe");
+    assert_eq!(keyframe.count, 3);
+    assert!(
+        keyframe.min >= video.min && keyframe.max <= video.max,
+        "{keyframe:?} {video:?}"
+    );
     assert_eq!(peers.ends.get("left"), Some(&9), "{:?}", peers.ends);
     let latency = report.latency_ms.expect("latency measured");
     assert!(latency.count > 0 && latency.min >= 0.0);
@@ -70,6 +79,7 @@ fn short_run_delivers_media_without_loss_and_writes_reports() {
         "join_ms",
         "connect_ms",
         "first_video_ms",
+        "first_keyframe_ms",
         "latency_ms",
         "loss",
         "rates",

@@ -294,8 +294,10 @@ pub struct Milestones {
     /// The first `track_published` of a video track arrived: from then on, video is
     /// something we are waiting for.
     pub video_announced: Option<Instant>,
-    /// The first video RTP packet arrived (the server starts video at a keyframe).
+    /// The first video RTP packet arrived.
     pub first_video: Option<Instant>,
+    /// The first packet of a video keyframe arrived (seen only when decrypting).
+    pub first_keyframe: Option<Instant>,
 }
 
 /// A snapshot of everything a test may want to assert on.
@@ -1439,6 +1441,9 @@ impl Peer {
             && parse_vp8(&packet.payload).is_some_and(|i| i.keyframe)
         {
             track.keyframes += 1;
+            self.milestones
+                .first_keyframe
+                .get_or_insert(packet.timestamp);
         }
         track.codec = codec;
         match Stamp::from_trailer(&packet.payload) {

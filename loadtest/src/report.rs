@@ -45,6 +45,10 @@ pub struct Report {
     /// To the first remote video packet, from the later of our `join` and the first
     /// video `track_published` (so early joiners do not count the wait for others).
     pub first_video_ms: Option<Distribution>,
+    /// The same to the first packet of a remote keyframe, where a decoder can start:
+    /// participants that decrypt (measure) only. Equal to the first video for a
+    /// server that starts each subscriber's video at a keyframe.
+    pub first_keyframe_ms: Option<Distribution>,
     /// Publisher send to subscriber receive, from the stamps (measured participants).
     pub latency_ms: Option<Distribution>,
     pub loss: LossFigures,
@@ -376,6 +380,10 @@ impl Report {
             ("join -> joined", dist(&self.join_ms)),
             ("connect -> joined", dist(&self.connect_ms)),
             ("join -> first video", dist(&self.first_video_ms)),
+            (
+                "join -> first keyframe",
+                format!("{}  (measuring only)", dist(&self.first_keyframe_ms)),
+            ),
             ("end-to-end latency", dist(&self.latency_ms)),
             ("loss (stamps, e2e)", loss(&self.loss.measured)),
             ("loss (RTP seq)", loss(&self.loss.counted)),
@@ -657,6 +665,7 @@ pub(crate) mod tests {
             join_ms: Distribution::from_micros(&latency),
             connect_ms: Distribution::from_micros(&latency),
             first_video_ms: None,
+            first_keyframe_ms: None,
             latency_ms: Distribution::from_micros(&latency),
             loss: LossFigures {
                 measured: Loss::new(999, 1, 0, 0),
@@ -727,7 +736,8 @@ pub(crate) mod tests {
     #[test]
     fn json_shape() {
         let json: serde_json::Value = serde_json::from_str(&sample_report().to_json()).unwrap();
-        assert_eq!(json.as_object().unwrap().len(), 16);
+        assert_eq!(json.as_object().unwrap().len(), 17);
+        assert_eq!(json["first_keyframe_ms"], serde_json::Value::Null);
         assert_eq!(json["first_video_ms"], serde_json::Value::Null);
         assert_eq!(json["stopped_early_s"], serde_json::Value::Null);
         assert_eq!(json["connect_ms"]["p99"], 9.0);

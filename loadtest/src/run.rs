@@ -21,7 +21,7 @@ use crate::report::{
 use crate::scenario::Scenario;
 use crate::stats::Histogram;
 use crate::tls;
-use crate::worker::{self, Command, LEAVE_GRACE, Seat, WorkerSetup, WorkerStats};
+use crate::worker::{self, Command, JoinTimes, LEAVE_GRACE, Seat, WorkerSetup, WorkerStats};
 
 const TICK: Duration = Duration::from_secs(1);
 /// How long a tick waits for the workers' reports; a late one counts next tick.
@@ -214,9 +214,7 @@ struct Coordinator {
     checkpoints: Vec<Checkpoint>,
     series: Vec<Sample>,
     latency: Histogram,
-    join: Histogram,
-    connect: Histogram,
-    first_video: Histogram,
+    join_times: JoinTimes,
     /// This tick's interval data, reset each tick.
     interval_latency: Histogram,
     interval_lag: Duration,
@@ -243,9 +241,7 @@ impl Coordinator {
             checkpoints: vec![first],
             series: Vec::new(),
             latency: Histogram::default(),
-            join: Histogram::default(),
-            connect: Histogram::default(),
-            first_video: Histogram::default(),
+            join_times: JoinTimes::default(),
             interval_latency: Histogram::default(),
             interval_lag: Duration::ZERO,
             interval_worker: (None, None),
@@ -295,14 +291,8 @@ impl Coordinator {
     }
 
     fn absorb(&mut self, mut report: WorkerStats) {
-        for (total, interval) in [
-            (&mut self.latency, &report.latency),
-            (&mut self.join, &report.join),
-            (&mut self.connect, &report.connect),
-            (&mut self.first_video, &report.first_video),
-        ] {
-            total.merge(interval);
-        }
+        self.latency.merge(&report.latency);
+        self.join_times.merge(&report.join_times);
         self.interval_latency.merge(&report.latency);
         self.interval_lag = self.interval_lag.max(report.lag);
         let Some(w) = self.workers.get_mut(report.worker) else {
@@ -323,9 +313,7 @@ impl Coordinator {
         w.outstanding = false;
         w.done |= report.done;
         report.latency = Histogram::default();
-        report.join = Histogram::default();
-        report.connect = Histogram::default();
-        report.first_video = Histogram::default();
+        report.join_times = JoinTimes::default();
         w.latest = report;
     }
 
@@ -464,9 +452,10 @@ impl Coordinator {
                 to_s: b.at.duration_since(self.start).as_secs_f64(),
             },
             peers,
-            join_ms: Distribution::from_micros(&self.join),
-            connect_ms: Distribution::from_micros(&self.connect),
-            first_video_ms: Distribution::from_micros(&self.first_video),
+            join_ms: Distribution::from_micros(&self.join_times.join),
+            connect_ms: Distribution::from_micros(&self.join_times.connect),
+            first_video_ms: Distribution::from_micros(&self.join_times.first_video),
+            first_keyframe_ms: Distribution::from_micros(&self.join_times.first_keyframe),
             latency_ms: Distribution::from_micros(&self.latency),
             loss: LossFigures {
                 measured: loss(&measured),

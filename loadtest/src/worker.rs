@@ -96,9 +96,7 @@ pub(crate) struct WorkerStats {
     /// Datagrams our sockets refused (send buffer full): the harness's own loss.
     pub tx_dropped: u64,
     pub latency: Histogram,
-    pub join: Histogram,
-    pub connect: Histogram,
-    pub first_video: Histogram,
+    pub join_times: JoinTimes,
     /// Latest a timer or planned join ran past its due time.
     pub lag: Duration,
     /// This thread's running and waiting times.
@@ -107,6 +105,29 @@ pub(crate) struct WorkerStats {
     pub idle: bool,
     /// The last report: every session has ended.
     pub done: bool,
+}
+
+/// The join figures of one report interval, in microseconds.
+#[derive(Debug, Default)]
+pub(crate) struct JoinTimes {
+    /// `join` sent to `joined`.
+    pub join: Histogram,
+    /// TCP connect started to `joined`.
+    pub connect: Histogram,
+    /// To the first remote video packet, from when video was both asked for and
+    /// announced.
+    pub first_video: Histogram,
+    /// The same, to the first packet of a remote keyframe (participants that decrypt).
+    pub first_keyframe: Histogram,
+}
+
+impl JoinTimes {
+    pub fn merge(&mut self, other: &JoinTimes) {
+        self.join.merge(&other.join);
+        self.connect.merge(&other.connect);
+        self.first_video.merge(&other.first_video);
+        self.first_keyframe.merge(&other.first_keyframe);
+    }
 }
 
 /// Everything a worker is given.
@@ -390,6 +411,7 @@ impl Worker {
             join_sent: None,
             recorded_join: false,
             recorded_video: false,
+            recorded_keyframe: false,
             leave_at,
             leave_deadline: None,
             end: None,
@@ -520,9 +542,7 @@ impl Worker {
         report.peers = stats.peers.clone();
         report.tx_dropped = stats.tx_dropped;
         report.latency = std::mem::take(&mut stats.latency);
-        report.join = std::mem::take(&mut stats.join);
-        report.connect = std::mem::take(&mut stats.connect);
-        report.first_video = std::mem::take(&mut stats.first_video);
+        report.join_times = std::mem::take(&mut stats.join_times);
         report.lag = std::mem::take(&mut stats.lag);
         report.times = probe::thread_times();
         report.idle = self.plan.is_empty() && self.rejoin.is_empty() && self.live() == 0;
@@ -654,6 +674,7 @@ struct Session {
     join_sent: Option<Instant>,
     recorded_join: bool,
     recorded_video: bool,
+    recorded_keyframe: bool,
     /// Churn: when to leave.
     leave_at: Option<Instant>,
     /// Set once leaving: when to stop waiting for the server's close.
@@ -847,8 +868,8 @@ impl Session {
     }
 
     /// Join time (`join` sent to `joined`, and from the TCP connect, so with the
-    /// handshakes) and time to first video (from when video was both asked for and
-    /// announced to its arrival), each once.
+    /// handshakes) and time to first video and first keyframe (from when video was
+    /// both asked for and announced to its arrival), each once.
     fn record_milestones(&mut self, stats: &mut WorkerStats) {
         let m = self.peer.milestones();
         let Some(sent) = self.join_sent else {
@@ -860,21 +881,34 @@ impl Session {
             self.recorded_join = true;
             stats.peers.joins += 1;
             stats.peers.measured += u64::from(self.measured);
-            stats
+            let times = &mut stats.join_times;
+            times
                 .join
                 .record(micros(joined.saturating_duration_since(sent)));
-            stats
+            times
                 .connect
                 .record(micros(joined.saturating_duration_since(self.opened)));
         }
-        if !self.recorded_video
-            && let (Some(announced), Some(first)) = (m.video_announced, m.first_video)
-        {
-            self.recorded_video = true;
-            let from = announced.max(sent);
-            stats
-                .first_video
-                .record(micros(first.saturating_duration_since(from)));
+        let Some(announced) = m.video_announced else {
+            return;
+        };
+        let from = announced.max(sent);
+        for (recorded, first, into) in [
+            (
+                &mut self.recorded_video,
+                m.first_video,
+                &mut stats.join_times.first_video,
+            ),
+            (
+                &mut self.recorded_keyframe,
+                m.first_keyframe,
+                &mut stats.join_times.first_keyframe,
+            ),
+        ] {
+            if let Some(first) = first.filter(|_| !*recorded) {
+                *recorded = true;
+                into.record(micros(first.saturating_duration_since(from)));
+            }
         }
     }
 
