@@ -409,9 +409,7 @@ impl Worker {
             join_deadline: now + scenario.join_timeout,
             opened: now,
             join_sent: None,
-            recorded_join: false,
-            recorded_video: false,
-            recorded_keyframe: false,
+            recorded: Milestones::default(),
             leave_at,
             leave_deadline: None,
             end: None,
@@ -672,9 +670,8 @@ struct Session {
     /// When the TCP connect started.
     opened: Instant,
     join_sent: Option<Instant>,
-    recorded_join: bool,
-    recorded_video: bool,
-    recorded_keyframe: bool,
+    /// The milestones already counted in the join figures.
+    recorded: Milestones,
     /// Churn: when to leave.
     leave_at: Option<Instant>,
     /// Set once leaving: when to stop waiting for the server's close.
@@ -875,10 +872,8 @@ impl Session {
         let Some(sent) = self.join_sent else {
             return;
         };
-        if !self.recorded_join
-            && let Some(joined) = m.joined
-        {
-            self.recorded_join = true;
+        if let (Some(joined), None) = (m.joined, self.recorded.joined) {
+            self.recorded.joined = Some(joined);
             stats.peers.joins += 1;
             stats.peers.measured += u64::from(self.measured);
             let times = &mut stats.join_times;
@@ -893,20 +888,20 @@ impl Session {
             return;
         };
         let from = announced.max(sent);
-        for (recorded, first, into) in [
+        for (first, recorded, into) in [
             (
-                &mut self.recorded_video,
                 m.first_video,
+                &mut self.recorded.first_video,
                 &mut stats.join_times.first_video,
             ),
             (
-                &mut self.recorded_keyframe,
                 m.first_keyframe,
+                &mut self.recorded.first_keyframe,
                 &mut stats.join_times.first_keyframe,
             ),
         ] {
-            if let Some(first) = first.filter(|_| !*recorded) {
-                *recorded = true;
+            if let (Some(first), None) = (first, *recorded) {
+                *recorded = Some(first);
                 into.record(micros(first.saturating_duration_since(from)));
             }
         }
