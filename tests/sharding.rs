@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestServer, Ws};
 use corelay::shard::shard_for;
+use serde_json::Value;
 
 #[test]
 fn rooms_land_on_their_hashed_shard_and_stay_whole() {
@@ -174,6 +175,112 @@ fn a_stopped_shard_is_reported_and_the_others_carry_on() {
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
+}
+
+/// A stopped shard's mailbox fills up to its byte bound and no further: the accept
+/// shard refuses what does not fit with `rate_limited` ("server busy") instead of
+/// holding it, and the other shard serves on. Once the shard runs again, every
+/// message the mailbox took is answered, once and in order, and a join that came
+/// while it was stopped (small enough to fit) completes.
+#[test]
+fn a_stopped_shards_full_mailbox_refuses_what_does_not_fit() {
+    /// Offers per flooder: within one client's message burst, so only the mailbox
+    /// refuses; four flooders' worth is more than the mailbox's bytes.
+    const OFFERS: usize = 80;
+    const FLOODERS: usize = 4;
+    const SDP_BYTES: usize = 250_000;
+    let server = TestServer::start(&[]);
+    let room_on = |shard| {
+        (0..)
+            .map(|i| format!("room-{i}"))
+            .find(|room| shard_for(room, 2) == shard)
+            .expect("a room")
+    };
+    let (stopped_room, live_room) = (room_on(1), room_on(0));
+    let url = server.ws_url(&stopped_room);
+    let mut flooders: Vec<Ws> = (0..FLOODERS)
+        .map(|i| Ws::join(&url, &stopped_room, &format!("flooder-{i}")).0)
+        .collect();
+    for ws in &mut flooders {
+        for _ in 1..FLOODERS {
+            ws.recv_type("peer_joined");
+        }
+    }
+
+    let frozen = Frozen::asleep(server.pid(), 1);
+    let sdp = format!("v=0\\r\\n{}", "a".repeat(SDP_BYTES));
+    let mut taken: Vec<Vec<String>> = Vec::new();
+    let mut busy = 0;
+    for (i, ws) in flooders.iter_mut().enumerate() {
+        for n in 0..OFFERS {
+            ws.send(&format!(
+                r#"{{"type":"offer","sdp":"{sdp}","requestId":"{i}-{n}"}}"#
+            ));
+        }
+        ws.send(r#"{"type":"ping","requestId":"flushed"}"#);
+        let mut refused = Vec::new();
+        loop {
+            let msg = ws.recv();
+            if msg["type"] == "pong" {
+                break;
+            }
+            assert_eq!(msg["type"], "error", "{msg}");
+            assert_eq!(msg["code"], "rate_limited", "{msg}");
+            assert_eq!(msg["message"], "server busy; retry shortly", "{msg}");
+            refused.push(msg["requestId"].as_str().expect("requestId").to_owned());
+        }
+        busy += refused.len();
+        taken.push(
+            (0..OFFERS)
+                .map(|n| format!("{i}-{n}"))
+                .filter(|id| !refused.contains(id))
+                .collect(),
+        );
+    }
+    let held: usize = taken.iter().map(Vec::len).sum();
+    assert!(busy > 0, "the mailbox took all {held} offers");
+    assert!(
+        held * SDP_BYTES <= corelay::shard::MAILBOX_BYTES + SDP_BYTES,
+        "{held} offers of {SDP_BYTES} bytes held"
+    );
+
+    let (_live, joined) = Ws::join(&server.ws_url(&live_room), &live_room, "alice");
+    assert_eq!(
+        joined["sessionId"],
+        live_room.as_str(),
+        "shard 0 still serves"
+    );
+    let mut late = Ws::connect(&url);
+    late.send(&format!(
+        r#"{{"type":"join","sessionId":"{stopped_room}","userId":"late"}}"#
+    ));
+
+    drop(frozen);
+    for (ws, ids) in flooders.iter_mut().zip(&taken) {
+        for id in ids {
+            let answer = ws.recv_type("error");
+            assert_eq!(
+                answer["requestId"],
+                id.as_str(),
+                "one answer each, in order"
+            );
+            assert_eq!(answer["code"], "negotiation_failed", "{answer}");
+        }
+        ws.send(r#"{"type":"ping"}"#);
+        let after = std::iter::repeat_with(|| ws.recv()).find(|msg| msg["type"] != "peer_joined");
+        assert_eq!(after.map(|msg| msg["type"].clone()), Some("pong".into()));
+    }
+    let joined = late.recv();
+    assert_eq!(joined["type"], "joined", "{joined}");
+    let peers: Vec<Value> = (0..FLOODERS)
+        .map(|_| late.recv_type("peer_joined"))
+        .collect();
+    assert!(
+        peers.iter().all(|p| p["userId"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("flooder-"))),
+        "{peers:?}"
+    );
 }
 
 /// `/health`'s JSON, once it answers with `status` (within ten seconds).

@@ -52,7 +52,7 @@ use watchdog::Pulse;
 pub const MAILBOX_CAPACITY: usize = 4096;
 /// Bytes of SDP and other client text those messages may carry (without it, 4096
 /// offers of `--max-message-size` could hold a gigabyte).
-const MAILBOX_BYTES: usize = 64 << 20;
+pub const MAILBOX_BYTES: usize = 64 << 20;
 /// Messages one mailbox drain takes before yielding to the packet path.
 const MAILBOX_BATCH: usize = 64;
 /// The timer task's longest sleep when no `Rtc` has a deadline.
