@@ -207,3 +207,33 @@ fn a_run_whose_server_goes_away_stops_and_says_so() {
         report.warnings
     );
 }
+
+/// A server that closes every participant (its message limit is below a publisher's
+/// offer, so each gets 1009) is reported as such: every session cut off with the
+/// close code the server sent, and the run stops early.
+#[test]
+fn participants_the_server_closes_are_reported_with_its_close_code() {
+    let server = TestServer::start(&["--max-message-size", "1024"]);
+    let scenario = Scenario {
+        url: format!("ws://{}", server.addr),
+        rooms: 2,
+        duration: Duration::from_secs(600),
+        room_prefix: "too-big".into(),
+        ..Scenario::preset(Preset::Meeting)
+    };
+    let planned = scenario.total_peers() as u64;
+    let report = run(&scenario, |_| {}).expect("run starts");
+    eprint!("{}", report.table());
+
+    let peers = &report.peers;
+    assert_eq!(peers.joins, planned, "{:?}", peers.join_failures);
+    assert_eq!(
+        peers.ends.get("closed 1009"),
+        Some(&planned),
+        "{:?}",
+        peers.ends
+    );
+    assert_eq!(peers.cut_off, planned);
+    assert!(report.stopped_early_s.is_some());
+    assert!(report.elapsed_s < 60.0, "{}", report.elapsed_s);
+}
