@@ -165,14 +165,7 @@ fn webinar_subscribers_receive_the_one_publisher() {
 #[test]
 fn a_run_whose_server_goes_away_stops_and_says_so() {
     let mut server = TestServer::start(&[]);
-    let scenario = Scenario {
-        url: format!("ws://{}", server.addr),
-        rooms: 2,
-        // Far longer than the test may take: the run must notice it has nobody left.
-        duration: Duration::from_secs(600),
-        room_prefix: "vanishing".into(),
-        ..Scenario::preset(Preset::Meeting)
-    };
+    let scenario = endless_meeting(&server, "vanishing");
     let planned = scenario.total_peers() as u64;
     let report = run(&scenario, |sample| {
         if sample.joined == planned {
@@ -214,13 +207,7 @@ fn a_run_whose_server_goes_away_stops_and_says_so() {
 #[test]
 fn participants_the_server_closes_are_reported_with_its_close_code() {
     let server = TestServer::start(&["--max-message-size", "1024"]);
-    let scenario = Scenario {
-        url: format!("ws://{}", server.addr),
-        rooms: 2,
-        duration: Duration::from_secs(600),
-        room_prefix: "too-big".into(),
-        ..Scenario::preset(Preset::Meeting)
-    };
+    let scenario = endless_meeting(&server, "too-big");
     let planned = scenario.total_peers() as u64;
     let report = run(&scenario, |_| {}).expect("run starts");
     eprint!("{}", report.table());
@@ -236,4 +223,16 @@ fn participants_the_server_closes_are_reported_with_its_close_code() {
     assert_eq!(peers.cut_off, planned);
     assert!(report.stopped_early_s.is_some());
     assert!(report.elapsed_s < 60.0, "{}", report.elapsed_s);
+}
+
+/// Two meeting rooms for far longer than a test may take: the run must notice when
+/// it has nobody left.
+fn endless_meeting(server: &TestServer, room_prefix: &str) -> Scenario {
+    Scenario {
+        url: format!("ws://{}", server.addr),
+        rooms: 2,
+        duration: Duration::from_secs(600),
+        room_prefix: room_prefix.into(),
+        ..Scenario::preset(Preset::Meeting)
+    }
 }
