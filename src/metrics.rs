@@ -21,6 +21,7 @@ pub struct Counters {
     pub publish_track: u64,
     pub negotiation_error: u64,
     pub forced_disconnect: u64,
+    pub str0m_panics: u64,
     pub forwarded_packets: u64,
     pub forwarded_bytes: u64,
     pub udp_rx_packets: u64,
@@ -110,6 +111,12 @@ const METRICS: &[Metric<Counters>] = &[
         kind: "counter",
         help: "Participants removed by the server (ICE/DTLS failure, slow socket).",
         get: |c| c.forced_disconnect,
+    },
+    Metric {
+        name: "rtc_str0m_panics_total",
+        kind: "counter",
+        help: "Participants removed because str0m panicked on their input (contained).",
+        get: |c| c.str0m_panics,
     },
     Metric {
         name: "rtc_join_ticket_issued_total",

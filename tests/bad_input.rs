@@ -11,6 +11,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, Ws};
+use corelay::shard::shard_for;
+use corelay_loadtest::{Client, ClientConfig, ClientStats, MediaKind};
+use str0m::change::SdpOffer;
 use tungstenite::Message;
 
 /// Sends `msgs` on a fresh socket (joined first when `join` is set) and asserts the
@@ -43,7 +46,7 @@ fn expect_error(server: &TestServer, join: bool, msgs: &[&str], code: &str) {
 fn every_client_error_code() {
     let server = TestServer::start(&[]);
     // A real publisher offer with one track more than allowed.
-    let too_many_tracks = common::audio_offer(5);
+    let too_many_tracks = common::offer(&[MediaKind::Audio; 5]);
     let long_request_id = format!(r#"{{"type":"ping","requestId":"{}"}}"#, "r".repeat(65));
     let cases: &[(bool, &[&str], &str)] = &[
         (false, &["{not json"], "bad_json"),
@@ -93,6 +96,93 @@ fn every_client_error_code() {
     for (join, msgs, code) in cases {
         expect_error(&server, *join, msgs, code);
     }
+}
+
+/// str0m 0.25 asserts on some SDP it accepts: an answer that lists the offer's VP9
+/// profile 2 payload type in its audio section panics it. The shard contains
+/// the panic: that participant gets `negotiation_failed` and is closed with 1011 (its
+/// `Rtc` is not to be trusted any more), and the rest of the room carries on.
+#[test]
+fn an_answer_that_panics_str0m_costs_only_its_sender() {
+    let server = TestServer::start(&[]);
+    let room = "str0m-panic";
+    let url = server.ws_url(room);
+    // The panic needs the audio section first: one participant publishes audio and
+    // the next video, and offers list the room's tracks in join order.
+    let speaker = Client::connect(ClientConfig {
+        publish_video: false,
+        ..ClientConfig::new(server.addr, room, "speaks")
+    })
+    .expect("speaker joins");
+    let camera = Client::connect(ClientConfig {
+        publish_audio: false,
+        ..ClientConfig::new(server.addr, room, "films")
+    })
+    .expect("camera joins");
+    let watcher = Client::connect(ClientConfig {
+        publish_audio: false,
+        publish_video: false,
+        ..ClientConfig::new(server.addr, room, "watches")
+    })
+    .expect("watcher joins");
+    let video_from = |stats: &ClientStats| {
+        stats
+            .track(camera.peer_id(), MediaKind::Video)
+            .map_or(0, |t| t.received)
+    };
+    watcher
+        .wait_for(Duration::from_secs(20), |s| {
+            video_from(s) > 0 && s.track(speaker.peer_id(), MediaKind::Audio).is_some()
+        })
+        .expect("the watcher gets both tracks");
+    let (mut victim, joined) = Ws::join(&url, room, "answers-badly");
+    let victim_id = joined["peerId"].as_str().expect("peerId").to_owned();
+
+    let offer = victim.recv_type("offer");
+    let offer = SdpOffer::from_sdp_string(offer["sdp"].as_str().expect("sdp"))
+        .expect("the server's offer parses");
+    let answer = str0m::Rtc::new(Instant::now())
+        .sdp_api()
+        .accept_offer(offer)
+        .expect("an answer")
+        .to_sdp_string();
+    let vp9_profile_2 = answer
+        .lines()
+        .find_map(|l| {
+            let pt = l.strip_prefix("a=fmtp:")?.strip_suffix(" profile-id=2")?;
+            Some(format!("a=rtpmap:{pt} VP9/90000\r\n"))
+        })
+        .expect("VP9 profile 2 in the answer");
+    let (mut broken, mut in_audio) = (String::new(), false);
+    for line in answer.lines() {
+        if line.starts_with("m=") {
+            in_audio = line.starts_with("m=audio");
+        }
+        broken += line;
+        broken += "\r\n";
+        if in_audio && line.starts_with("a=mid:") {
+            broken += &vp9_profile_2;
+        }
+    }
+    victim.send(&serde_json::json!({"type": "answer", "sdp": broken}).to_string());
+    let error = victim.recv_type("error");
+    assert_eq!(error["code"], "negotiation_failed", "{error}");
+    assert_eq!(victim.close_code(), 1011);
+
+    let before = video_from(&watcher.snapshot());
+    watcher
+        .wait_for(Duration::from_secs(20), |s| {
+            s.peers_left.contains(&victim_id) && video_from(s) >= before + 50
+        })
+        .expect("the watcher still gets video, and saw the victim go");
+    let (_, joined) = Ws::join(&url, room, "newcomer");
+    assert_eq!(joined["sessionId"], room);
+    let counted = format!(
+        "rtc_str0m_panics_total{{shard=\"{}\"}} 1",
+        shard_for(room, 2)
+    );
+    let (_, metrics) = server.get("/metrics");
+    assert!(metrics.contains(&counted), "no {counted:?} in\n{metrics}");
 }
 
 /// str0m keeps every candidate with a new address for the connection's life, so a

@@ -4,6 +4,7 @@
 //! lists trimmed to what we forward.
 
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,4 +123,20 @@ pub fn pt_for(rtc: &Rtc, codec: Codec) -> Option<Pt> {
         .iter()
         .find(|p| p.spec().codec == codec)
         .map(|p| p.pt())
+}
+
+/// str0m panicked inside [`contained`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Panicked;
+
+/// Runs `f`, which hands what a client sent (SDP, candidates, datagrams) to str0m, or
+/// drives the `Rtc` that took it, and turns a panic into `Err`.
+///
+/// str0m asserts on some input it accepts: 0.25 panics on an answer that lists the
+/// offer's VP9 profile 2 payload type in its audio section. Unwound, that would end
+/// the shard and, by design (`main`), the process with every room in it. The `Rtc`
+/// that panicked is in an unknown state, so the caller drops its participant. The
+/// panic hook has already logged what str0m said.
+pub fn contained<T>(f: impl FnOnce() -> T) -> Result<T, Panicked> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|_| Panicked)
 }

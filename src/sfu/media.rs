@@ -26,7 +26,7 @@ use str0m::rtp::{ExtensionValues, RtpWrite};
 use tracing::{debug, warn};
 
 use super::Sfu;
-use super::room::{Payload, Side, TrackKey};
+use super::room::{LegError, Payload, Side, TrackKey};
 use crate::media::admission::Refusal;
 use crate::media::forward::is_keyframe_start;
 use crate::media::keyframe::Need;
@@ -67,9 +67,16 @@ impl Sfu {
                 }
                 continue;
             }
-            if let Err(e) = leg.receive(now, receive) {
-                debug!(conn = key.0, error = %e, "rtc refused a datagram");
-                continue;
+            match leg.receive(now, receive) {
+                Ok(()) => {}
+                Err(LegError::Rtc(e)) => {
+                    debug!(conn = key.0, error = %e, "rtc refused a datagram");
+                    continue;
+                }
+                Err(e) => {
+                    self.leg_failed(key.0, &e);
+                    continue;
+                }
             }
             self.drain(key);
         }
@@ -160,7 +167,7 @@ impl Sfu {
             };
             // Until DTLS is up str0m would queue what is written, unsent: a late
             // connection would start with a stale burst, a dead one hold it forever.
-            if !s.subscriber.connected {
+            if !s.subscriber.connected || s.subscriber.poisoned {
                 continue;
             }
             let Some(sub) = s.subscriptions.get_mut(&track_key) else {

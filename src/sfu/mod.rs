@@ -32,7 +32,10 @@ use crate::media::rtc::RtcFactory;
 use crate::media::udp::SendQueue;
 use crate::metrics::Counters;
 use crate::shard::messages::{ConnId, ToAccept};
-use room::{LegKey, Participant, Room, Side};
+use room::{LegError, LegKey, Participant, Room, Side};
+
+/// Why a participant whose `Rtc` panicked was removed (`media::rtc::contained`).
+const STR0M_PANICKED: &str = "str0m panicked";
 
 /// Limits that keep one shard's memory bounded.
 #[derive(Debug, Clone, Copy)]
@@ -142,8 +145,7 @@ impl Sfu {
             }
             leg.scheduled = None;
             if let Err(e) = leg.tick(now) {
-                debug!(conn = key.0, error = %e, "rtc failed on timeout");
-                self.doomed.push((key.0, "rtc error"));
+                self.leg_failed(key.0, &e);
                 continue;
             }
             self.drain(key);
@@ -191,30 +193,60 @@ impl Sfu {
             return;
         };
         let leg = p.leg_mut(key.1);
-        loop {
-            match leg.rtc.poll_output() {
-                Ok(Output::Transmit(t)) => self.transmits.push(t),
-                Ok(Output::Timeout(at)) => {
-                    // One live entry per leg: a later deadline waits for the entry
-                    // already queued (an early tick is harmless to str0m), so the
-                    // heap does not grow with every packet.
-                    if leg.scheduled.is_none_or(|queued| at < queued) {
-                        leg.scheduled = Some(at);
-                        self.timers.push(Reverse((at, key)));
+        // The whole drain is guarded once: guarding each output would move every
+        // event (a 400-byte `RtpPacket`, say) through the unwind boundary.
+        let drained = leg.guarded(|rtc| {
+            loop {
+                match rtc.poll_output()? {
+                    Output::Transmit(t) => self.transmits.push(t),
+                    Output::Timeout(at) => break Ok(at),
+                    Output::Event(Event::RtpPacket(packet)) => {
+                        self.forward_queue.push((key.0, packet));
                     }
-                    break;
-                }
-                Ok(Output::Event(Event::RtpPacket(packet))) => {
-                    self.forward_queue.push((key.0, packet));
-                }
-                Ok(Output::Event(event)) => self.events.push((key, event)),
-                Err(e) => {
-                    debug!(conn = key.0, error = %e, "rtc failed");
-                    self.doomed.push((key.0, "rtc error"));
-                    break;
+                    Output::Event(event) => self.events.push((key, event)),
                 }
             }
+        });
+        match drained {
+            // One live entry per leg: a later deadline waits for the entry already
+            // queued (an early tick is harmless to str0m), so the heap does not grow
+            // with every packet.
+            Ok(at) if leg.scheduled.is_none_or(|queued| at < queued) => {
+                leg.scheduled = Some(at);
+                self.timers.push(Reverse((at, key)));
+            }
+            Ok(_) => {}
+            Err(e) => self.leg_failed(key.0, &e),
         }
+    }
+
+    /// A leg's `Rtc` failed: its participant goes at the end of the round.
+    fn leg_failed(&mut self, conn: ConnId, e: &LegError) {
+        let why = match e {
+            LegError::Rtc(e) => {
+                debug!(conn, error = %e, "rtc failed");
+                "rtc error"
+            }
+            LegError::Panicked => {
+                warn!(
+                    shard = self.shard,
+                    conn, "str0m panicked; dropping the participant"
+                );
+                STR0M_PANICKED
+            }
+            LegError::Poisoned => return,
+        };
+        self.doomed.push((conn, why));
+    }
+
+    /// str0m panicked somewhere in handling `conn`'s signaling: neither of its
+    /// `Rtc`s is used again, and it goes at the end of the round.
+    fn poison(&mut self, conn: ConnId) {
+        if let Some(p) = self.peers.get_mut(&conn) {
+            p.publisher.poisoned = true;
+            p.subscriber.poisoned = true;
+        }
+        self.leg_failed(conn, &LegError::Panicked);
     }
 
     fn touch(&mut self, key: LegKey) {
@@ -238,8 +270,8 @@ impl Sfu {
                 if let Some(p) = self.peers.get_mut(&key.0) {
                     let leg = p.leg_mut(key.1);
                     leg.touched = false;
-                    if leg.tick(now).is_err() {
-                        self.doomed.push((key.0, "rtc error"));
+                    if let Err(e) = leg.tick(now) {
+                        self.leg_failed(key.0, &e);
                         continue;
                     }
                 }
@@ -254,7 +286,13 @@ impl Sfu {
                 self.handle_event(now, key, event);
             }
             for (conn, why) in std::mem::take(&mut self.doomed) {
+                if !self.peers.contains_key(&conn) {
+                    continue; // doomed twice in one round
+                }
                 self.counters.forced_disconnect += 1;
+                if why == STR0M_PANICKED {
+                    self.counters.str0m_panics += 1;
+                }
                 self.remove_participant(now, conn, why);
                 self.to_accept.push_back(ToAccept::Close {
                     conn,

@@ -17,6 +17,7 @@ use crate::media::admission::Admission;
 use crate::media::forward::Rewriter;
 use crate::media::keyframe::KeyframeRequests;
 use crate::media::resend::ResendWindow;
+use crate::media::rtc::{Panicked, contained};
 use crate::media::speaking::SpeakingDetector;
 use crate::shard::messages::ConnId;
 use crate::signaling::protocol::MediaState;
@@ -52,13 +53,16 @@ pub struct Leg {
     pub candidates: Vec<SocketAddr>,
     /// What the client's datagrams may still do (`media::admission`).
     pub admission: Admission,
+    /// str0m panicked on this `Rtc`: nothing more goes in, and the participant goes
+    /// at the end of the round.
+    pub poisoned: bool,
 }
 
 impl Leg {
     /// Feeds a datagram (str0m ticks to `now` on every datagram, before anything
     /// this round writes).
-    pub fn receive(&mut self, now: Instant, datagram: Receive) -> Result<(), RtcError> {
-        self.rtc.handle_input(Input::Receive(now, datagram))
+    pub fn receive(&mut self, now: Instant, datagram: Receive) -> Result<(), LegError> {
+        self.guarded(|rtc| rtc.handle_input(Input::Receive(now, datagram)))
     }
 
     /// Admits the client's candidates (trickled, or in an SDP) unless one is too long
@@ -95,8 +99,49 @@ impl Leg {
 
     /// Ticks the `Rtc`: for a deadline that came due, and after writes, which str0m
     /// sends only from a tick.
-    pub fn tick(&mut self, now: Instant) -> Result<(), RtcError> {
-        self.rtc.handle_input(Input::Timeout(now))
+    pub fn tick(&mut self, now: Instant) -> Result<(), LegError> {
+        self.guarded(|rtc| rtc.handle_input(Input::Timeout(now)))
+    }
+
+    /// Runs `f` on the `Rtc` unless it is poisoned, poisoning it if str0m panics.
+    pub fn guarded<T>(
+        &mut self,
+        f: impl FnOnce(&mut Rtc) -> Result<T, RtcError>,
+    ) -> Result<T, LegError> {
+        if self.poisoned {
+            return Err(LegError::Poisoned);
+        }
+        let rtc = &mut self.rtc;
+        // The error is boxed inside: what crosses the unwind boundary is copied on
+        // every call, and an `RtcError` is hundreds of bytes.
+        match contained(|| f(rtc).map_err(|e| LegError::Rtc(Box::new(e)))) {
+            Ok(result) => result,
+            Err(Panicked) => {
+                self.poisoned = true;
+                Err(LegError::Panicked)
+            }
+        }
+    }
+}
+
+/// Why a leg's `Rtc` did not take an input.
+#[derive(Debug)]
+pub enum LegError {
+    /// str0m refused it; after a datagram that is routine, otherwise fatal.
+    Rtc(Box<RtcError>),
+    /// str0m panicked: the `Rtc` is not to be used again.
+    Panicked,
+    /// It had panicked before (and its participant is already on its way out).
+    Poisoned,
+}
+
+impl std::fmt::Display for LegError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Rtc(e) => e.fmt(f),
+            Self::Panicked => f.write_str("str0m panicked"),
+            Self::Poisoned => f.write_str("str0m panicked earlier"),
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use crate::media::admission::Admission;
 use crate::media::forward::Rewriter;
 use crate::media::keyframe::{KeyframeRequests, Need};
 use crate::media::resend::ResendWindow;
-use crate::media::rtc::{Role, pt_for};
+use crate::media::rtc::{Panicked, Role, contained, pt_for};
 use crate::shard::messages::{
     ConnId, ParticipantSnapshot, RoomSnapshot, ToAccept, ToShard, TrackSnapshot,
 };
@@ -50,7 +50,15 @@ impl Sfu {
                 request_id,
                 signal,
             } => {
-                if let Err(refusal) = self.signal(now, conn, request_id.as_deref(), *signal) {
+                let handled = contained(|| self.signal(now, conn, request_id.as_deref(), *signal));
+                let handled = handled.unwrap_or_else(|Panicked| {
+                    self.poison(conn);
+                    Err(Refusal::new(
+                        ErrorCode::NegotiationFailed,
+                        "the server's WebRTC stack failed on this message; closing",
+                    ))
+                });
+                if let Err(refusal) = handled {
                     if refusal.code == ErrorCode::NegotiationFailed {
                         self.counters.negotiation_error += 1;
                     }
@@ -128,6 +136,7 @@ impl Sfu {
                 touched: false,
                 candidates: Vec::new(),
                 admission: Admission::new(now),
+                poisoned: false,
             }
         };
         let publisher = leg(Role::Publisher);

@@ -200,12 +200,12 @@ impl Ws {
     }
 }
 
-/// A real publisher `offer` message from str0m with `tracks` audio tracks.
-pub fn audio_offer(tracks: usize) -> String {
+/// A real publisher `offer` message from str0m, one sending track of each kind given.
+pub fn offer(kinds: &[MediaKind]) -> String {
     let mut rtc = str0m::Rtc::new(std::time::Instant::now());
     let mut api = rtc.sdp_api();
-    for _ in 0..tracks {
-        api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    for kind in kinds {
+        api.add_media(*kind, Direction::SendOnly, None, None, None);
     }
     let (offer, _) = api.apply().expect("an offer");
     serde_json::json!({"type": "offer", "sdp": offer.to_sdp_string()}).to_string()
