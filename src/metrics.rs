@@ -115,7 +115,7 @@ const METRICS: &[Metric<Counters>] = &[
     Metric {
         name: "rtc_str0m_panics_total",
         kind: "counter",
-        help: "Participants removed because str0m panicked on their input (contained).",
+        help: "str0m panics contained; each removes the participant whose Rtc panicked.",
         get: |c| c.str0m_panics,
     },
     Metric {

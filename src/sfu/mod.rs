@@ -34,9 +34,6 @@ use crate::metrics::Counters;
 use crate::shard::messages::{ConnId, ToAccept};
 use room::{LegError, LegKey, Participant, Room, Side};
 
-/// Why a participant whose `Rtc` panicked was removed (`media::rtc::contained`).
-const STR0M_PANICKED: &str = "str0m panicked";
-
 /// Limits that keep one shard's memory bounded.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -232,7 +229,8 @@ impl Sfu {
                     shard = self.shard,
                     conn, "str0m panicked; dropping the participant"
                 );
-                STR0M_PANICKED
+                self.counters.str0m_panics += 1;
+                "str0m panicked"
             }
             LegError::Poisoned => return,
         };
@@ -290,9 +288,6 @@ impl Sfu {
                     continue; // doomed twice in one round
                 }
                 self.counters.forced_disconnect += 1;
-                if why == STR0M_PANICKED {
-                    self.counters.str0m_panics += 1;
-                }
                 self.remove_participant(now, conn, why);
                 self.to_accept.push_back(ToAccept::Close {
                     conn,

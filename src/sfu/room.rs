@@ -135,16 +135,6 @@ pub enum LegError {
     Poisoned,
 }
 
-impl std::fmt::Display for LegError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Rtc(e) => e.fmt(f),
-            Self::Panicked => f.write_str("str0m panicked"),
-            Self::Poisoned => f.write_str("str0m panicked earlier"),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Mic,
