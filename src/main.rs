@@ -19,6 +19,9 @@ fn main() -> std::process::ExitCode {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
+    // A panic is an event like any other: one JSON line under `--log-format json`, in
+    // the span of what panicked (a participant's, for a contained str0m panic).
+    std::panic::set_hook(Box::new(tracing_panic::panic_hook));
     match Server::start(config) {
         Ok(server) => {
             // One line on stdout, for scripts and tests waiting for readiness.

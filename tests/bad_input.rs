@@ -104,7 +104,7 @@ fn every_client_error_code() {
 /// `Rtc` is not to be trusted any more), and the rest of the room carries on.
 #[test]
 fn an_answer_that_panics_str0m_costs_only_its_sender() {
-    let server = TestServer::start(&[]);
+    let (server, logs) = TestServer::start_logged(&[]);
     let room = "str0m-panic";
     let url = server.ws_url(room);
     // The panic needs the audio section first: one participant publishes audio and
@@ -183,6 +183,21 @@ fn an_answer_that_panics_str0m_costs_only_its_sender() {
     );
     let (_, metrics) = server.get("/metrics");
     assert!(metrics.contains(&counted), "no {counted:?} in\n{metrics}");
+    // The panic is logged as one JSON event in the victim's span, not as the default
+    // hook's plain text.
+    let panic = logs.wait_for(Duration::from_secs(5), |l| {
+        l["fields"]["panic.payload"]
+            .as_str()
+            .is_some_and(|p| p.contains("Pt locked"))
+    });
+    assert_eq!(panic["level"], "ERROR", "{panic}");
+    assert_eq!(panic["span"]["peer"], victim_id, "{panic}");
+    for line in logs.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&line).is_ok(),
+            "{line}"
+        );
+    }
 }
 
 /// str0m keeps every candidate with a new address for the connection's life, so a

@@ -63,14 +63,16 @@ impl Sfu {
                     Refusal::Rate => self.counters.refused_rate_packets += 1,
                 }
                 if leg.admission.refusals() == 1 {
-                    warn!(conn = key.0, "dropping a client's datagrams: {refusal}");
+                    p.span
+                        .in_scope(|| warn!("dropping a client's datagrams: {refusal}"));
                 }
                 continue;
             }
             match leg.receive(now, receive) {
                 Ok(()) => {}
                 Err(LegError::Rtc(e)) => {
-                    debug!(conn = key.0, error = %e, "rtc refused a datagram");
+                    p.span
+                        .in_scope(|| debug!(error = %e, "rtc refused a datagram"));
                     continue;
                 }
                 Err(e) => {
@@ -283,7 +285,8 @@ impl Sfu {
         let Some(window) = p.resend.observe(rtt) else {
             return;
         };
-        debug!(conn = subscriber, ?rtt, ?window, "resend window refitted");
+        p.span
+            .in_scope(|| debug!(?rtt, ?window, "resend window refitted"));
         let mut api = p.subscriber.rtc.direct_api();
         for sub in p.subscriptions.values() {
             if let Some(tx) = api.stream_tx(&sub.ssrc) {

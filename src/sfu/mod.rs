@@ -22,7 +22,7 @@ use std::time::Instant;
 use hashbrown::HashMap;
 use str0m::rtp::RtpPacket;
 use str0m::{Event, Output};
-use tracing::{debug, info, warn};
+use tracing::{Span, debug, info, warn};
 
 use crate::config::{Config, IceServer};
 use crate::media::keyframe::Need;
@@ -219,22 +219,28 @@ impl Sfu {
 
     /// A leg's `Rtc` failed: its participant goes at the end of the round.
     fn leg_failed(&mut self, conn: ConnId, e: &LegError) {
+        let span = self.span_of(conn);
+        let _enter = span.enter();
         let why = match e {
             LegError::Rtc(e) => {
-                debug!(conn, error = %e, "rtc failed");
+                debug!(error = %e, "rtc failed");
                 "rtc error"
             }
             LegError::Panicked => {
-                warn!(
-                    shard = self.shard,
-                    conn, "str0m panicked; dropping the participant"
-                );
+                warn!("str0m panicked; dropping the participant");
                 self.counters.str0m_panics += 1;
                 "str0m panicked"
             }
             LegError::Poisoned => return,
         };
         self.doomed.push((conn, why));
+    }
+
+    /// The participant's span, for logging about it from shard-wide code.
+    fn span_of(&self, conn: ConnId) -> Span {
+        self.peers
+            .get(&conn)
+            .map_or_else(Span::none, |p| p.span.clone())
     }
 
     /// str0m panicked somewhere in handling `conn`'s signaling: neither of its

@@ -12,6 +12,7 @@ use str0m::media::{MediaKind, Mid};
 use str0m::net::Receive;
 use str0m::rtp::Ssrc;
 use str0m::{Candidate, Input, Rtc, RtcError};
+use tracing::Span;
 
 use crate::media::admission::Admission;
 use crate::media::forward::Rewriter;
@@ -223,6 +224,9 @@ pub struct Participant {
     pub negotiation: Negotiation,
     /// How long the subscriber connection's video streams keep packets for NACKs.
     pub resend: ResendWindow,
+    /// `peer{shard, room, peer}`: entered for whatever is logged about this
+    /// participant (and for a panic in its signaling), never per packet.
+    pub span: Span,
 }
 
 impl Participant {

@@ -50,6 +50,8 @@ impl Sfu {
                 request_id,
                 signal,
             } => {
+                let span = self.span_of(conn);
+                let _enter = span.enter();
                 let handled = contained(|| self.signal(now, conn, request_id.as_deref(), *signal));
                 let handled = handled.unwrap_or_else(|Panicked| {
                     self.poison(conn);
@@ -124,7 +126,8 @@ impl Sfu {
             _ => {}
         }
         let peer_id = format!("p{:x}{}", self.shard, fastrand_id());
-        let span = info_span!("join", shard = self.shard, room = %join.session_id, peer = %peer_id);
+        // A root span, so its three fields are whole wherever it is entered.
+        let span = info_span!(parent: None, "peer", shard = self.shard, room = %join.session_id, peer = %peer_id);
         let _enter = span.enter();
         let leg = |role| {
             let (rtc, ufrag) = self.factory.build(role, now);
@@ -157,6 +160,7 @@ impl Sfu {
             subscribed_mids: HashMap::new(),
             negotiation: Negotiation::default(),
             resend: ResendWindow::default(),
+            span: span.clone(),
         };
         let room = self
             .rooms
@@ -323,7 +327,7 @@ impl Sfu {
             self.router.rename(&old, ufrag);
         }
         let answer = answer.to_sdp_string();
-        debug!(conn, sdp = %answer, "publisher answer");
+        debug!(sdp = %answer, "publisher answer");
         self.send(
             conn,
             ServerMsg::Answer {
@@ -377,7 +381,8 @@ impl Sfu {
             speaking: Default::default(),
         };
         let text = track_published(&p.peer_id, &track);
-        info!(shard = self.shard, room = %p.session_id, peer = %p.peer_id, track = %track.track_id, kind = kind_str(kind), "track published");
+        p.span
+            .in_scope(|| info!(track = %track.track_id, kind = kind_str(kind), "track published"));
         p.tracks.insert(mid, track);
         let session_id = p.session_id.clone();
         self.counters.publish_track += 1;
@@ -613,7 +618,7 @@ impl Sfu {
         let Some(mut p) = self.peers.remove(&conn) else {
             return;
         };
-        info!(shard = self.shard, room = %p.session_id, peer = %p.peer_id, why, "participant left");
+        p.span.in_scope(|| info!(why, "participant left"));
         self.router
             .remove(&p.publisher.ufrag, (conn, Side::Publisher));
         self.router

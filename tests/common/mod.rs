@@ -5,8 +5,9 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use corelay_loadtest::report::Report;
 use serde_json::Value;
@@ -20,8 +21,24 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts `corelay` with `--shards 2` on ephemeral ports, candidates on 127.0.0.1.
+    /// Starts `corelay` with `--shards 2` on ephemeral ports, candidates on 127.0.0.1;
+    /// warnings and errors go to the test's stderr.
     pub fn start(extra: &[&str]) -> Self {
+        Self::spawn(extra, "warn", Stdio::inherit())
+    }
+
+    /// As `start`, logging at info level as JSON, each line kept for the test.
+    pub fn start_logged(extra: &[&str]) -> (Self, Logs) {
+        let mut server = Self::spawn(
+            &[extra, &["--log-format", "json"]].concat(),
+            "info",
+            Stdio::piped(),
+        );
+        let stderr = server.child.stderr.take().expect("stderr");
+        (server, Logs::collect(stderr))
+    }
+
+    fn spawn(extra: &[&str], log_level: &str, stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_corelay"))
             .args([
                 "--port",
@@ -35,11 +52,11 @@ impl TestServer {
                 "--public-ip",
                 "127.0.0.1",
                 "--log-level",
-                "warn",
+                log_level,
             ])
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start corelay");
         let stdout = child.stdout.take().expect("stdout");
@@ -124,6 +141,55 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A server's log lines, as it writes them, for a test to wait on and inspect.
+#[derive(Clone)]
+pub struct Logs(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Logs {
+    fn collect(stderr: ChildStderr) -> Self {
+        let logs = Self(Arc::default());
+        let shared = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                let (lines, arrived) = &*shared.0;
+                // Poisoned: the test already failed.
+                let Ok(mut lines) = lines.lock() else { break };
+                lines.push(line);
+                arrived.notify_all();
+            }
+        });
+        logs
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.0.lock().expect("log lines").clone()
+    }
+
+    /// Waits for a JSON line `matches` (fails the test after `limit`); returns it.
+    pub fn wait_for(&self, limit: Duration, matches: impl Fn(&Value) -> bool) -> Value {
+        let (lines, arrived) = &*self.0;
+        let deadline = Instant::now() + limit;
+        let mut seen = lines.lock().expect("log lines");
+        let mut checked = 0;
+        loop {
+            for line in &seen[checked..] {
+                if let Ok(json) = serde_json::from_str(line)
+                    && matches(&json)
+                {
+                    return json;
+                }
+            }
+            checked = seen.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no such log line in {limit:?}");
+            seen = arrived.wait_timeout(seen, left).expect("log lines").0;
+        }
     }
 }
 
