@@ -19,7 +19,7 @@ use corelay::media::admission::rtp_ssrc;
 use corelay::metrics::{self, AcceptMetrics, ShardMetrics};
 use corelay::sfu::{Limits, Sfu};
 use corelay::shard::messages::{ConnId, ParticipantSnapshot, ToAccept, ToShard};
-use corelay::signaling::protocol::{ClientMsg, parse};
+use corelay::signaling::protocol::{ClientMsg, error_text, parse};
 use corelay_loadtest::{Leg, MediaKind, Peer, PeerConfig, TimeBase};
 use futures::channel::oneshot;
 use str0m::net::Transmit;
@@ -34,6 +34,8 @@ const CLIENT_PORT_BASE: u16 = 10_000;
 const MIN_STEP: Duration = Duration::from_millis(1);
 /// Virtual time a `run_until` may take before the test fails.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
+/// Room a shard keeps beside the peers for one scripted connection at a time.
+const SCRIPTED_SEATS: usize = 1;
 
 pub fn leg_addr(peer: usize, leg: Leg) -> SocketAddr {
     let offset = match leg {
@@ -95,6 +97,8 @@ pub struct Network {
     socket_drops: u64,
     /// Close requests the SFU made: (peer, code).
     pub closed: Vec<(usize, u16)>,
+    /// What the SFU sent scripted connections (`scripted_signal`), which no `Peer` reads.
+    pub scripted: Vec<ToAccept>,
     /// Datagrams to and from this peer take this long each way (one peer, so a queue
     /// in sending order is also in arrival order).
     pub delay: Option<(usize, Duration)>,
@@ -114,8 +118,8 @@ impl Network {
     pub fn new(configs: Vec<PeerConfig>) -> Self {
         let now = Instant::now();
         let limits = Limits {
-            room_participants: configs.len(),
-            rooms: configs.len(),
+            room_participants: configs.len() + SCRIPTED_SEATS,
+            rooms: configs.len() + SCRIPTED_SEATS,
             tracks: 4,
         };
         let sfu = Sfu::new(0, vec![SFU_ADDR], limits, Vec::new()).expect("sfu");
@@ -145,6 +149,7 @@ impl Network {
             socket_dropping: false,
             socket_drops: 0,
             closed: Vec::new(),
+            scripted: Vec::new(),
             delay: None,
             in_flight: VecDeque::new(),
             time_base,
@@ -296,10 +301,26 @@ impl Network {
         }
     }
 
-    /// What the accept shard does with a client's text frame.
     fn signal_to_sfu(&mut self, peer: usize, text: &str) {
-        let request = parse(text).unwrap_or_else(|e| panic!("bad client message {text}: {e:?}"));
-        let (conn, request_id) = (peer as ConnId, request.request_id);
+        if let Err(error) = self.accept_text(peer as ConnId, text) {
+            panic!("bad client message {text}: {error}");
+        }
+    }
+
+    /// A text frame from a connection the test drives itself, with a conn id past the
+    /// peers'; replies collect in `scripted`. Not pumped.
+    pub fn scripted_signal(&mut self, conn: ConnId, text: &str) {
+        assert!(conn as usize >= self.peers.len(), "conn {conn} is a peer's");
+        if let Err(error) = self.accept_text(conn, text) {
+            self.scripted.push(ToAccept::Send { conn, text: error });
+        }
+    }
+
+    /// What the accept shard does with a client's text frame; a message it refuses
+    /// itself is an `Err` with the `error` it would send.
+    fn accept_text(&mut self, conn: ConnId, text: &str) -> Result<(), String> {
+        let request = parse(text).map_err(|(id, refusal)| error_text(&refusal, id.as_deref()))?;
+        let request_id = request.request_id;
         let msg = match request.msg {
             ClientMsg::Join(join) => ToShard::Join {
                 conn,
@@ -311,9 +332,10 @@ impl Network {
                 request_id,
                 signal: Box::new(signal),
             },
-            ClientMsg::Ping => return,
+            ClientMsg::Ping => return Ok(()),
         };
         self.sfu.handle_message(self.now, msg);
+        Ok(())
     }
 
     fn datagram_to_sfu(&mut self, peer: usize, leg: Leg, contents: Vec<u8>) {
@@ -351,6 +373,13 @@ impl Network {
     }
 
     fn reply_to_peer(&mut self, reply: ToAccept) {
+        let (ToAccept::Send { conn, .. }
+        | ToAccept::JoinRefused { conn, .. }
+        | ToAccept::Close { conn, .. }) = reply;
+        if conn as usize >= self.peers.len() {
+            self.scripted.push(reply);
+            return;
+        }
         match reply {
             ToAccept::Send { conn, text } => {
                 self.peers[conn as usize].handle_signal(&text, self.now)
