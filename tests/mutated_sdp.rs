@@ -62,9 +62,19 @@ fn publisher_offer() -> String {
     offer.to_sdp_string()
 }
 
-/// One to three edits of `sdp`'s lines.
-fn mutate(rng: &mut fastrand::Rng, sdp: &str) -> String {
-    let mut lines: Vec<String> = sdp.lines().map(str::to_owned).collect();
+/// A trickled candidate as a browser sends one: server-reflexive, with its extensions.
+const CANDIDATE: &str = "candidate:842163049 1 udp 1677729535 203.0.113.7 54321 typ srflx \
+    raddr 192.168.1.2 rport 54321 generation 0 ufrag EsAw network-id 1 network-cost 10";
+
+/// One to three edits of `text`'s pieces (an SDP's lines, a candidate's fields, as
+/// `separator` splits them): dropped, repeated elsewhere, swapped, cut short, a
+/// number changed.
+fn mutate(rng: &mut fastrand::Rng, text: &str, separator: &str) -> String {
+    let mut lines: Vec<String> = text
+        .split(separator)
+        .filter(|piece| !piece.is_empty())
+        .map(str::to_owned)
+        .collect();
     for _ in 0..rng.usize(1..=3) {
         let (a, b) = (rng.usize(..lines.len()), rng.usize(..lines.len()));
         match rng.u8(..5) {
@@ -87,7 +97,11 @@ fn mutate(rng: &mut fastrand::Rng, sdp: &str) -> String {
             break;
         }
     }
-    lines.join("\r\n") + "\r\n"
+    lines.join(separator)
+}
+
+fn mutate_sdp(rng: &mut fastrand::Rng, sdp: &str) -> String {
+    mutate(rng, sdp, "\r\n") + "\r\n"
 }
 
 /// `line` with one run of digits replaced by an edge value or another number.
@@ -163,11 +177,24 @@ struct Tally {
     offers_refused: u64,
     answers_taken: u64,
     answers_refused: u64,
+    candidates_taken: u64,
+    candidates_refused: u64,
     closed: u64,
 }
 
+/// Whether a message that gets no reply when taken (an answer, a candidate) was: it
+/// gets nothing, or exactly one `error`.
+fn taken(replies: &[Value], id: &str) -> bool {
+    let answered = answering(replies, id);
+    assert!(
+        answered.len() <= 1 && answered.iter().all(|r| r["type"] == "error"),
+        "nothing, or one error: {replies:?}"
+    );
+    answered.is_empty()
+}
+
 /// One visitor: joins, offers `offer`, answers the SFU's offer with a mutation of
-/// str0m's answer, and goes.
+/// str0m's answer, trickles a mutated candidate, and goes.
 fn visit(net: &mut Network, rng: &mut fastrand::Rng, tally: &mut Tally, conn: ConnId, offer: &str) {
     let join = json!({"type": "join", "sessionId": "sim", "userId": format!("v{conn}")});
     net.scripted_signal(conn, &join.to_string());
@@ -198,19 +225,35 @@ fn visit(net: &mut Network, rng: &mut fastrand::Rng, tally: &mut Tally, conn: Co
             .accept_offer(offer)
             .expect("str0m answers the SFU's offer")
             .to_sdp_string();
-        let answer = json!({"type": "answer", "sdp": mutate(rng, &answer), "requestId": "a"});
+        let answer = json!({"type": "answer", "sdp": mutate_sdp(rng, &answer), "requestId": "a"});
         net.scripted_signal(conn, &answer.to_string());
         net.pump();
         let (after_answer, closing) = replies(net, conn);
-        let answered = answering(&after_answer, "a");
-        assert!(
-            answered.len() <= 1 && answered.iter().all(|r| r["type"] == "error"),
-            "an answer gets nothing, or one error: {after_answer:?}"
-        );
-        if answered.is_empty() {
-            tally.answers_taken += 1;
+        match taken(&after_answer, "a") {
+            true => tally.answers_taken += 1,
+            false => tally.answers_refused += 1,
+        }
+        closed = closing;
+    }
+    if closed.is_none() {
+        let target = if rng.bool() {
+            "publisher"
         } else {
-            tally.answers_refused += 1;
+            "subscriber"
+        };
+        let candidate = json!({
+            "type": "candidate",
+            "candidate": mutate(rng, CANDIDATE, " "),
+            "sdpMid": "0",
+            "target": target,
+            "requestId": "c",
+        });
+        net.scripted_signal(conn, &candidate.to_string());
+        net.pump();
+        let (after_candidate, closing) = replies(net, conn);
+        match taken(&after_candidate, "c") {
+            true => tally.candidates_taken += 1,
+            false => tally.candidates_refused += 1,
         }
         closed = closing;
     }
@@ -244,7 +287,7 @@ fn mutated_offers_and_answers_cost_only_their_sender() {
             net.receives_video(0, 10) && net.receives_video(1, 10)
         });
         for _ in 0..VISITORS_PER_ROOM.min(cases - case) {
-            let offer = mutate(&mut rng, &template);
+            let offer = mutate_sdp(&mut rng, &template);
             let conn = 100 + case;
             let visited = catch_unwind(AssertUnwindSafe(|| {
                 visit(&mut net, &mut rng, &mut tally, conn, &offer)
@@ -271,6 +314,8 @@ fn mutated_offers_and_answers_cost_only_their_sender() {
         ("offers refused", tally.offers_refused),
         ("answers taken", tally.answers_taken),
         ("answers refused", tally.answers_refused),
+        ("candidates taken", tally.candidates_taken),
+        ("candidates refused", tally.candidates_refused),
     ] {
         assert!(n >= cases / 10, "{outcome}: {n} of {cases}");
     }
